@@ -1,0 +1,139 @@
+"""s-Trace and paper A's strata: the fast search equals METHOD.md §3's plain heap, ties included,
+and every stratification is nested, connected to the output node and exactly sized."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+
+from tl_strace.errors import InputError
+from tl_strace.graph import EdgeLayout, Graph
+from tl_strace.search import (
+    DEFAULT_SIZES,
+    check_sizes,
+    nucleus_strata,
+    random_strata,
+    reference_strace_order,
+    strace_order,
+    strace_strata,
+    target_counts,
+    threshold_strata,
+)
+
+
+def random_graph(L: int, H: int, T: int, seed: int, levels: int | None = None) -> Graph:
+    """Random local weights; with ``levels`` they take few distinct values, so ties abound."""
+    layout = EdgeLayout(L, H, T)
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(layout.size, generator=g, dtype=torch.float64)
+    if levels:
+        w = torch.floor(w * levels) / levels
+    valid = layout.ancestors()
+    return Graph(layout, w.masked_fill(~valid, 0.0), valid)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_fast_search_equals_plain_heap(seed):
+    L, H, T = 1 + seed % 3, 1 + seed % 4, 2 + seed % 6
+    graph = random_graph(L, H, T, seed, levels=[None, 3, 1, 8][seed % 4])
+    fast = strace_order(graph)
+    ref = reference_strace_order(graph)
+    assert fast.tolist() == ref.tolist()
+    assert fast.numel() == graph.n_edges  # every ancestor edge is reachable: s = 1 is the full graph
+    # Prefixes too (the search stops at the largest partial target).
+    n = graph.n_edges // 3
+    assert strace_order(graph, n).tolist() == ref[:n].tolist()
+
+
+def test_edge_count_formula():
+    for L, H, T in [(1, 1, 1), (2, 3, 5), (30, 9, 53)]:
+        lay = EdgeLayout(L, H, T)
+        assert int(lay.ancestors().sum()) == lay.n_edges_formula()
+
+
+def _connected_to_output(layout: EdgeLayout, mask: torch.Tensor) -> bool:
+    """Every edge's target is the output node or the source of another edge in the mask."""
+    ids = torch.nonzero(mask).flatten()
+    src, tgt = layout.node_ids(ids)
+    sources = set(src.tolist()) | {layout.output_node}
+    return all(t in sources for t in tgt.tolist())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_strace_strata_are_nested_connected_and_exact(seed):
+    graph = random_graph(3, 4, 7, seed, levels=5 if seed % 2 else None)
+    sizes = (0.01, 0.05, 0.1, 0.29, 0.5, 0.8, 1.0)
+    strata = strace_strata(graph, sizes)
+    E = graph.n_edges
+    prev = torch.zeros_like(graph.valid)
+    for k, s in enumerate(sizes):
+        m = strata.mask(k)
+        assert int(m.sum()) == math.floor(Fraction(str(s)) * E) == int(strata.counts[k])
+        assert bool((prev <= m).all()), "strata must be nested"
+        assert bool((m <= graph.valid).all())
+        assert _connected_to_output(graph.layout, m)
+        prev = m
+    assert bool((strata.mask(len(sizes) - 1) == graph.valid).all())
+
+
+def test_random_strata_are_seeded_connected_and_same_size():
+    graph = random_graph(2, 3, 6, 0)
+    sizes = (0.1, 0.3, 0.6, 1.0)
+    counts = target_counts(sizes, graph.n_edges)
+    a = random_strata(graph, counts, sizes, seed=3)
+    b = random_strata(graph, counts, sizes, seed=3)
+    c = random_strata(graph, counts, sizes, seed=4)
+    assert torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.labels, c.labels)
+    for k in range(len(sizes)):
+        assert int(a.mask(k).sum()) == counts[k]
+        assert _connected_to_output(graph.layout, a.mask(k))
+
+
+@pytest.mark.parametrize("fn", [threshold_strata, nucleus_strata])
+def test_paper_a_strata_are_nested_and_connected(fn):
+    graph = random_graph(3, 2, 6, 1)
+    # local weights, as METHOD.md §2 makes them: normalise per target node
+    layout = graph.layout
+    src, tgt = layout.node_ids(torch.arange(layout.size))
+    w = graph.weights.clone()
+    tot = torch.zeros(layout.n_nodes, dtype=w.dtype).index_add_(0, tgt, w)
+    graph = graph.with_weights(torch.where(graph.valid, w / tot[tgt], 0.0))
+    strata = fn(graph)
+    prev = torch.zeros_like(graph.valid)
+    for k in range(strata.n_strata):
+        m = strata.mask(k)
+        assert bool((prev <= m).all())
+        assert _connected_to_output(layout, m)
+        assert int(m.sum()) == int(strata.counts[k])
+        prev = m
+    assert torch.all(strata.sizes[1:] >= strata.sizes[:-1])
+    assert float(strata.sizes[-1]) == 1.0
+
+
+def test_nucleus_keeps_at_least_one_edge_per_reached_node():
+    graph = random_graph(2, 2, 4, 2)
+    strata = nucleus_strata(graph, [0.0001])
+    m = strata.mask(0)
+    # a single chain back from the output: one in-edge per reached node
+    _, tgt = graph.layout.node_ids(torch.nonzero(m).flatten())
+    assert len(set(tgt.tolist())) == int(m.sum())
+
+
+def test_default_sizes_are_the_papers():
+    assert len(DEFAULT_SIZES) == 27 and DEFAULT_SIZES[-1] == 1.0 and DEFAULT_SIZES[8] == 1e-3
+
+
+@pytest.mark.parametrize("bad", [[0.0, 0.5], [-0.1], [1.5], [0.2, 0.1], [0.1, 0.1], [], [float("nan")]])
+def test_bad_sizes_raise_with_the_problem_named(bad):
+    with pytest.raises(InputError) as e:
+        check_sizes(bad)
+    assert "Sizes" in str(e.value)
+
+
+def test_target_counts_are_exact_decimal_floors():
+    assert target_counts([0.29, 0.57, 1.0], 100) == [29, 57, 100]
+    assert target_counts([1e-5], 391140) == [3]

@@ -1,0 +1,38 @@
+"""tl_strace: how much of a language model is used to predict each next token.
+
+s-Trace (Kervadec et al., 2026) and the computation-density estimator on TransformerLens models.
+
+>>> import tl_strace as ts                                   # doctest: +SKIP
+>>> model = ts.load_model("smollm2-135m")                    # doctest: +SKIP
+>>> res = ts.strace(model, "The capital of France is")       # doctest: +SKIP
+>>> res.density, res.tv, res.subgraph(1e-3)                  # doctest: +SKIP
+"""
+
+from tl_strace._version import __version__
+from tl_strace.errors import (
+    DecompositionError,
+    InputError,
+    ModelLoadError,
+    ResultsError,
+    StraceError,
+    UnsupportedModelError,
+)
+from tl_strace.io.models import load_model
+from tl_strace.pipeline import strace
+from tl_strace.results import StraceResult, Subgraph
+from tl_strace.search import DEFAULT_SIZES
+
+__all__ = [
+    "DEFAULT_SIZES",
+    "DecompositionError",
+    "InputError",
+    "ModelLoadError",
+    "ResultsError",
+    "StraceError",
+    "StraceResult",
+    "Subgraph",
+    "UnsupportedModelError",
+    "__version__",
+    "load_model",
+    "strace",
+]

@@ -1,0 +1,117 @@
+"""The ``tl-strace`` command. It uses the public API only.
+
+    tl-strace trace "It is a truth universally acknowledged, that a single man"
+    tl-strace trace --model ./my_model_dir --sizes 1e-3 1e-2 0.1 --json "some text"
+
+Subcommands register themselves in :data:`COMMANDS` (name → (add_arguments, run)), so each lives
+next to the code it drives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["COMMANDS", "main"]
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s:g}"
+
+
+def format_trace(res: Any, *, show_tokens: Sequence[float] = (1e-3, 1e-2, 0.1, 0.4, 1.0)) -> str:
+    """A plain-text report of one result: header, density, the per-size table, top tokens."""
+    cfg, model = res.config, res.model
+    lines = [
+        f"model {model['name']} · {len(res.str_tokens)} tokens · {res.n_edges:,} edges · "
+        f"method {cfg['method']} ({cfg['weights']} weights, {cfg['ablation']} ablation)",
+        f"full model: next token {res.full_top_strs[0]!r} (p = {float(res.full_top_probs[0]):.3f}), "
+        f"entropy {res.full_entropy:.3f} nats",
+        f"density (area under TV over log10 s): {res.density:.4f}    linear-s area: {res.density_linear:.4f}",
+    ]
+    rec = res.recovery_sizes()
+    lines.append("shared-nucleus recovery size: " + ", ".join(
+        f"{k}%: {'-' if math.isnan(v) else _fmt_s(v)}" for k, v in rec.items()))
+    conds = list(res.conditions)
+    head = f"{'size':>8} {'edges':>9} " + " ".join(f"{'TV ' + c:>11}" for c in conds) + f" {'nucleus':>8}  top token (only)"
+    lines += ["", head, "-" * len(head)]
+    for k in range(len(res.sizes)):
+        tvs = " ".join(f"{float(res.tv_all[c, k]):>11.4f}" for c in range(len(conds)))
+        lines.append(f"{_fmt_s(float(res.sizes[k])):>8} {int(res.counts[k]):>9,} {tvs} "
+                     f"{float(res.nucleus_all[0, k]):>8.0f}  {res.top_strs[0][k][0]!r}")
+    lines += ["", "top tokens of the trace:"]
+    sizes = [float(x) for x in res.sizes]
+    for s in show_tokens:
+        k = min(range(len(sizes)), key=lambda i: abs(math.log10(sizes[i]) - math.log10(s)))
+        toks = ", ".join(f"{t!r} {float(p):.3f}" for t, p in zip(res.top_strs[0][k], res.top_probs[0, k]))
+        lines.append(f"  s = {_fmt_s(sizes[k]):>6}: {toks}")
+    toks = ", ".join(f"{t!r} {float(p):.3f}" for t, p in zip(res.full_top_strs, res.full_top_probs))
+    lines.append(f"  full    : {toks}")
+    return "\n".join(lines)
+
+
+def _add_trace(p: argparse.ArgumentParser) -> None:
+    p.add_argument("text", help="the input text; the token after its last token is the prediction traced")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="bundled model name, local directory, or hub name (default: smollm2-135m, offline)")
+    p.add_argument("--method", default="strace", choices=["strace", "threshold", "nucleus"])
+    p.add_argument("--weights", default="l1", choices=["l1", "ifr"])
+    p.add_argument("--sizes", type=float, nargs="+", help="s-Trace target sizes in (0, 1] (default: paper B's 26)")
+    p.add_argument("--taus", type=float, nargs="+", help="thresholds for --method threshold/nucleus")
+    p.add_argument("--conditions", nargs="+", default=["only", "random", "inverse"],
+                   choices=["only", "random", "inverse"])
+    p.add_argument("--target", help="the true next token (text), for cross-entropy and rank")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    p.add_argument("--batch-size", type=int, help="masks per forward pass (default: from the memory budget)")
+    p.add_argument("--save", metavar="PATH", help="also save the result (.safetensors, loadable with StraceResult.load)")
+    p.add_argument("--json", action="store_true", help="print the result table as JSON instead of text")
+
+
+def _run_trace(args: argparse.Namespace) -> int:
+    import tl_strace as ts
+
+    model = ts.load_model(args.model)
+    res = ts.strace(model, args.text, sizes=args.sizes, method=args.method, taus=args.taus, weights=args.weights,
+                    conditions=args.conditions, target=args.target, seed=args.seed, batch_size=args.batch_size)
+    if args.save:
+        res.save(args.save)
+    if args.json:
+        print(json.dumps({"summary": res.summary(), "strata": res.to_dataframe().to_dict(orient="records")},
+                         default=float, indent=1))
+    else:
+        print(format_trace(res))
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "trace": ("trace one input and print its density and per-size table", _add_trace, _run_trace),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tl-strace", description="s-Trace and computation density for "
+                                     "TransformerLens models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_, add, _) in COMMANDS.items():
+        add(sub.add_parser(name, help=help_, description=help_))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``tl-strace``; errors tl_strace raises on purpose print as one line, exit 2."""
+    from tl_strace.errors import StraceError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command][2](args)
+    except StraceError as e:
+        print(f"tl-strace: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

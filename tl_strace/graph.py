@@ -1,0 +1,253 @@
+"""The token-level computational graph of one input (METHOD.md §1), as tensors.
+
+Nodes are residual-stream states ``(g, t)``: ``g = 0`` the embedding, ``g = 2l+1`` the stream after
+block ``l``'s attention, ``g = 2l+2`` after its MLP. Node ``(g, t)`` has id ``g * T + t``.
+
+Edges live in one flat index space laid out by edge type (:class:`EdgeLayout`)::
+
+    attn      [layer, head, target_pos, source_pos]   pattern[h,t,s] · v[s, kv(h)] @ W_O[h]
+    res_attn  [layer, pos]                             skip into resid_mid:  resid_pre[t]
+    mlp       [layer, pos]                             mlp_out[t]
+    res_mlp   [layer, pos]                             skip into resid_post: resid_mid[t]
+
+No per-edge Python object is ever built: weights, labels and masks are flat tensors over this space
+and are viewed back into the four blocks with :meth:`EdgeLayout.split`. Only edges that are
+ancestors of the output node ``(2L, T-1)`` belong to the graph (``Graph.valid``); in the last block
+that is position ``T-1`` alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from tl_strace.errors import DecompositionError
+from tl_strace.model import CleanRun
+
+__all__ = ["EdgeLayout", "EdgeType", "Graph", "NodeVectors", "check_decomposition", "node_vectors"]
+
+
+class EdgeType(IntEnum):
+    """The four kinds of edge, in the order their blocks appear in the flat edge space."""
+
+    ATTN = 0
+    """Attention edge (layer, head, target t, source s): what head h moves from position s to t."""
+    RES_ATTN = 1
+    """Residual edge into resid_mid[t]: the skip connection around the attention sublayer."""
+    MLP = 2
+    """MLP edge into resid_post[t]: the MLP's whole output at t."""
+    RES_MLP = 3
+    """Residual edge into resid_post[t]: the skip connection around the MLP."""
+
+
+EDGE_TYPE_NAMES = ("attn", "res_attn", "mlp", "res_mlp")
+
+
+@dataclass(frozen=True)
+class EdgeLayout:
+    """Where each edge lives in the flat edge space of a model with ``n_layers`` blocks, ``n_heads``
+    query heads, over ``n_pos`` tokens.
+
+    >>> lay = EdgeLayout(2, 3, 4)
+    >>> lay.size  # 2*3*4*4 attention slots + 3 * 2*4 residual/MLP slots
+    120
+    >>> [t.shape for t in lay.split(torch.arange(lay.size))]
+    [torch.Size([2, 3, 4, 4]), torch.Size([2, 4]), torch.Size([2, 4]), torch.Size([2, 4])]
+    """
+
+    n_layers: int
+    n_heads: int
+    n_pos: int
+
+    @property
+    def n_attn(self) -> int:
+        return self.n_layers * self.n_heads * self.n_pos * self.n_pos
+
+    @property
+    def n_local(self) -> int:
+        """Slots per token-local edge type (res_attn, mlp, res_mlp)."""
+        return self.n_layers * self.n_pos
+
+    @property
+    def size(self) -> int:
+        return self.n_attn + 3 * self.n_local
+
+    def offset(self, kind: EdgeType) -> int:
+        return 0 if kind == EdgeType.ATTN else self.n_attn + (int(kind) - 1) * self.n_local
+
+    @property
+    def n_nodes(self) -> int:
+        return (2 * self.n_layers + 1) * self.n_pos
+
+    @property
+    def output_node(self) -> int:
+        return 2 * self.n_layers * self.n_pos + self.n_pos - 1
+
+    def split(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """View a flat ``[..., edge]`` tensor as its four blocks (attn, res_attn, mlp, res_mlp)."""
+        L, H, T = self.n_layers, self.n_heads, self.n_pos
+        lead = flat.shape[:-1]
+        a, r1, m, r2 = torch.split(flat, [self.n_attn, self.n_local, self.n_local, self.n_local], dim=-1)
+        return (a.reshape(*lead, L, H, T, T), r1.reshape(*lead, L, T), m.reshape(*lead, L, T), r2.reshape(*lead, L, T))
+
+    def join(self, attn: Tensor, res_attn: Tensor, mlp: Tensor, res_mlp: Tensor) -> Tensor:
+        """Inverse of :meth:`split`."""
+        lead = attn.shape[:-4]
+        return torch.cat([attn.reshape(*lead, -1), res_attn.reshape(*lead, -1),
+                          mlp.reshape(*lead, -1), res_mlp.reshape(*lead, -1)], dim=-1)
+
+    def decode(self, ids: Int[Tensor, "n"]) -> dict[str, Tensor]:
+        """Type, layer, head (-1 unless attention), target and source position of flat edge ids."""
+        L, H, T = self.n_layers, self.n_heads, self.n_pos
+        ids = ids.long()
+        is_attn = ids < self.n_attn
+        rel = ids - self.n_attn
+        kind = torch.where(is_attn, torch.zeros_like(ids), 1 + torch.div(rel, self.n_local, rounding_mode="floor"))
+        local = torch.remainder(rel, self.n_local)
+        layer = torch.where(is_attn, torch.div(ids, H * T * T, rounding_mode="floor"), torch.div(local, T, rounding_mode="floor"))
+        head = torch.where(is_attn, torch.div(ids, T * T, rounding_mode="floor") % H, torch.full_like(ids, -1))
+        target = torch.where(is_attn, torch.div(ids, T, rounding_mode="floor") % T, local % T)
+        source = torch.where(is_attn, ids % T, target)
+        return {"type": kind, "layer": layer, "head": head, "target": target, "source": source}
+
+    def node_ids(self, ids: Int[Tensor, "n"]) -> tuple[Int[Tensor, "n"], Int[Tensor, "n"]]:
+        """(source node, target node) of flat edge ids; node (g, t) has id g * n_pos + t."""
+        d = self.decode(ids)
+        T = self.n_pos
+        kind, layer = d["type"], d["layer"]
+        src_g = torch.where((kind == EdgeType.ATTN) | (kind == EdgeType.RES_ATTN), 2 * layer, 2 * layer + 1)
+        tgt_g = src_g + 1
+        return src_g * T + d["source"], tgt_g * T + d["target"]
+
+    def ancestors(self) -> Bool[Tensor, "edge"]:
+        """Edges that can reach the output node: causal attention edges, and in the last block only
+        the edges into position T-1."""
+        L, H, T = self.n_layers, self.n_heads, self.n_pos
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        attn = causal.expand(L, H, T, T).clone()
+        local = torch.ones(L, T, dtype=torch.bool)
+        attn[L - 1, :, : T - 1] = False
+        local[L - 1, : T - 1] = False
+        return self.join(attn, local, local.clone(), local.clone())
+
+    def n_edges_formula(self) -> int:
+        """|E| in closed form: (L-1)·(H·T(T+1)/2 + 3T) + (H·T + 3)."""
+        L, H, T = self.n_layers, self.n_heads, self.n_pos
+        return (L - 1) * (H * T * (T + 1) // 2 + 3 * T) + H * T + 3
+
+
+@dataclass(frozen=True)
+class Graph:
+    """A weighted token-level graph: layout, local edge weights and the ancestor mask.
+
+    ``weights`` sum to 1 over each node's in-edges (they are *local*, METHOD.md §2); entries outside
+    ``valid`` are 0.
+    """
+
+    layout: EdgeLayout
+    weights: Float[Tensor, "edge"]
+    valid: Bool[Tensor, "edge"]
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.valid.sum())
+
+    def with_weights(self, weights: Float[Tensor, "edge"]) -> "Graph":
+        return Graph(self.layout, weights.masked_fill(~self.valid, 0.0), self.valid)
+
+
+@dataclass(frozen=True)
+class NodeVectors:
+    """The vectors edge weights are computed from, for every block.
+
+    ``vo[l, s, h]`` is v[s, kv(h)] @ W_O[h]: an attention edge (l, h, t, s) has vector
+    ``pattern[l, h, t, s] · vo[l, s, h]``. In the last block every vector has been passed through the
+    linearised final norm (METHOD.md §1), so the output node is the normalised final state.
+    """
+
+    resid_pre: Float[Tensor, "layer pos d_model"]
+    vo: Float[Tensor, "layer pos head d_model"]
+    pattern: Float[Tensor, "layer head pos pos_src"]
+    b_O: Float[Tensor, "layer d_model"]
+    resid_mid: Float[Tensor, "layer pos d_model"]
+    mlp_out: Float[Tensor, "layer pos d_model"]
+    resid_post: Float[Tensor, "layer pos d_model"]
+
+
+def node_vectors(run: CleanRun) -> NodeVectors:
+    """Per-edge source vectors and node vectors from a clean run (last block normalised)."""
+    spec = run.spec
+    rep = spec.n_heads // spec.n_kv_heads
+    v = run.v.repeat_interleave(rep, dim=2)  # [L, T, H, dh]: query head h reads kv head h // rep
+    vo = torch.einsum("lshd,lhdm->lshm", v, run.W_O)
+    resid_pre, resid_mid, mlp_out, resid_post = run.resid_pre, run.resid_mid, run.mlp_out, run.resid_post
+    b_O = run.b_O
+    last = spec.n_layers - 1
+    f = run.final_norm
+
+    def norm_last(x: Tensor) -> Tensor:
+        x = x.clone()
+        x[last] = f(x[last])
+        return x
+
+    return NodeVectors(
+        resid_pre=norm_last(resid_pre),
+        vo=norm_last(vo),
+        pattern=run.pattern,
+        b_O=norm_last(b_O),
+        resid_mid=norm_last(resid_mid),
+        mlp_out=norm_last(mlp_out),
+        resid_post=norm_last(resid_post),
+    )
+
+
+def _tol(y: Tensor, rel: float) -> float:
+    return rel * max(1.0, float(y.abs().max()))
+
+
+def check_decomposition(run: CleanRun, vec: NodeVectors, *, rel_tol: float = 1e-4) -> dict[str, float]:
+    """Check that the edges into every node sum to that node's vector, and return the worst errors.
+
+    Checked on every call (it costs one einsum per block):
+
+    * attention node (2l+1, t): ``resid_pre[t] + Σ_{h,s} pattern[h,t,s]·vo[s,h] + b_O == resid_mid[t]``,
+      where resid_mid is what the block's MLP reads (``hook_attn_out`` added to the stream);
+    * MLP node (2l+2, t): ``resid_mid[t] + mlp_out[t] == resid_post[t]`` (the block's real output);
+    * consecutive blocks: ``resid_post[l] == resid_pre[l+1]``;
+    * output node: the linearised final norm plus its bias equals the model's own final norm output.
+
+    Raises :class:`DecompositionError` naming the first identity that fails, with its error.
+    """
+    spec = run.spec
+    errs: dict[str, float] = {}
+    attn_sum = torch.einsum("lhts,lshm->ltm", vec.pattern, vec.vo) + vec.b_O[:, None, :]
+    checks = {
+        "attention node (edges into resid_mid)": (vec.resid_pre + attn_sum, vec.resid_mid),
+        "attention output (sum over heads of z @ W_O + b_O vs hook_attn_out)": (
+            torch.einsum("lthd,lhdm->ltm", run.z, run.W_O) + run.b_O[:, None, :], run.attn_out),
+        "MLP node (edges into resid_post)": (run.resid_pre + run.attn_out + run.mlp_out, run.resid_post),
+        "block boundary (resid_post[l] == resid_pre[l+1])": (run.resid_post[:-1], run.resid_pre[1:]),
+        "output node (linearised final norm)": (run.final_norm(run.resid_post[-1, -1]) + run.norm_b, run.final_out),
+    }
+    # z == pattern @ v: the attention edges really are what the head computes.
+    rep = spec.n_heads // spec.n_kv_heads
+    checks["head outputs (z == pattern @ v)"] = (
+        torch.einsum("lhts,lshd->lthd", run.pattern, run.v.repeat_interleave(rep, dim=2)), run.z)
+    for name, (got, want) in checks.items():
+        if got.numel() == 0:
+            errs[name] = 0.0
+            continue
+        err = float((got - want).abs().max())
+        errs[name] = err
+        if not err <= _tol(want, rel_tol):
+            raise DecompositionError(
+                f"{spec.name}: the sum-of-edges identity fails for the {name}: max abs error {err:.3g} "
+                f"(tolerance {_tol(want, rel_tol):.3g}). This architecture does not decompose into the "
+                "graph of METHOD.md §1 exactly, so tl_strace refuses to trace it rather than approximate. "
+                "If the model runs in reduced precision, load it in float32 and retry."
+            )
+    return errs

@@ -1,0 +1,224 @@
+"""``strace()``: one call from a model and an input to a :class:`~tl_strace.results.StraceResult`.
+
+It wires the modules in their one direction: model → graph → weights → search → masked
+evaluation → metrics → result. Every precondition is checked before the first forward pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tl_strace._version import __version__
+from tl_strace.ablation import MaskRow, masked_logprobs, rows_per_chunk, verify_attention_masking
+from tl_strace.errors import InputError
+from tl_strace.graph import EdgeLayout, Graph, check_decomposition, node_vectors
+from tl_strace.metrics import entropy, kl_divergence, shared_nucleus, target_stats, top_tokens, total_variation
+from tl_strace.model import clean_run, describe_model, model_dtype, model_guard, prepare_tokens, require_ready, str_tokens
+from tl_strace.results import StraceResult
+from tl_strace.search import STRATIFICATIONS, Strata, check_sizes, random_strata
+from tl_strace.weights import WEIGHTS, compute_weights
+
+__all__ = ["CONDITIONS", "strace"]
+
+CONDITIONS = ("only", "random", "inverse")
+"""Evaluation conditions: the subgraph alone, a random connected subgraph of the same size, and the
+model with the subgraph's attention and MLP edges removed."""
+
+
+def _check_options(method: str, weights: str, conditions: Sequence[str], sizes: Sequence[float] | None,
+                   taus: Sequence[float] | None, top_k: int) -> tuple[str, ...]:
+    if method not in STRATIFICATIONS:
+        raise InputError(f"Unknown method {method!r}; choose one of {sorted(STRATIFICATIONS)}.")
+    if weights not in WEIGHTS:
+        raise InputError(f"Unknown weights {weights!r}; choose one of {sorted(WEIGHTS)}.")
+    conds = tuple(conditions)
+    unknown = [c for c in conds if c not in CONDITIONS]
+    if unknown or not conds or len(set(conds)) != len(conds):
+        raise InputError(f"Conditions must be distinct names from {list(CONDITIONS)}; got {list(conditions)}.")
+    if "only" not in conds:
+        conds = ("only", *conds)
+    if method == "strace":
+        if taus is not None:
+            raise InputError("taus apply to method='threshold' or 'nucleus'; s-Trace takes sizes.")
+        check_sizes(sizes)
+    elif sizes is not None:
+        raise InputError(f"method={method!r} builds strata from taus (weight thresholds); pass taus=..., not sizes.")
+    if top_k < 1:
+        raise InputError(f"top_k must be at least 1; got {top_k}.")
+    return conds
+
+
+def _target_id(model: Any, target: int | str | None, d_vocab: int) -> int | None:
+    if target is None:
+        return None
+    if isinstance(target, str):
+        if getattr(model, "tokenizer", None) is None:
+            raise InputError("The model has no tokenizer; give the target as a token id.")
+        ids = model.to_tokens(target, prepend_bos=False)[0]
+        if ids.numel() == 0:
+            raise InputError(f"The target {target!r} tokenizes to nothing.")
+        return int(ids[0])
+    t = int(target)
+    if not 0 <= t < d_vocab:
+        raise InputError(f"Target token id {t} is outside the vocabulary [0, {d_vocab}).")
+    return t
+
+
+def _reaches_input(strata: Strata, layout: EdgeLayout, valid: Tensor) -> Tensor:
+    """Per stratum: does the (connected) subgraph contain an edge out of an embedding node?"""
+    src, _ = layout.node_ids(torch.arange(layout.size))
+    from_input = valid & (src < layout.n_pos)
+    first = int(strata.labels[from_input].min()) if from_input.any() else strata.n_strata
+    return torch.arange(strata.n_strata) >= first
+
+
+def strace(
+    model: Any,
+    input: str | Tensor | Sequence[int],
+    *,
+    sizes: Sequence[float] | None = None,
+    method: str = "strace",
+    taus: Sequence[float] | None = None,
+    weights: str = "l1",
+    conditions: Sequence[str] = CONDITIONS,
+    target: int | str | None = None,
+    seed: int = 0,
+    top_k: int = 5,
+    batch_size: int | None = None,
+    memory_budget: int | None = None,
+    prepend_bos: bool | None = None,
+) -> StraceResult:
+    """Trace one input: find nested subgraphs that best reproduce the model's next-token
+    distribution, evaluate them by masked forward passes, and measure how dense the computation is.
+
+    Args:
+        model: a ``TransformerBridge`` (TransformerLens 4) or ``HookedTransformer``, in eval mode,
+            with no hooks attached.
+        input: text (tokenized with the model's ``to_tokens``) or a token tensor ``[pos]`` / ``[1, pos]``.
+            The prediction studied is the token after the last one.
+        sizes: s-Trace target sizes in (0, 1], strictly increasing; default paper B's 26 (+ full).
+        method: ``"strace"`` (default), or paper A's ``"threshold"`` / ``"nucleus"`` (which take ``taus``).
+        weights: ``"l1"`` (paper B default) or ``"ifr"`` (paper A).
+        conditions: any of ``"only"`` (always included), ``"random"``, ``"inverse"``.
+        target: the true next token (id, or text whose first token is used), for cross-entropy and rank.
+        seed: seed of the random baseline.
+        top_k: how many top tokens to keep per stratum.
+        batch_size: masks per forward pass; default: as many as ``memory_budget`` allows.
+        memory_budget: bytes per masked forward (default 1 GiB); see ``ablation.bytes_per_row``.
+        prepend_bos: passed to ``model.to_tokens`` for text input.
+
+    Returns:
+        A :class:`StraceResult`; ``result.tv``, ``result.density``, ``result.subgraph(1e-3)``, ...
+
+    >>> res = strace(model, "The capital of France is")      # doctest: +SKIP
+    >>> res.density, res.to_dataframe().head()               # doctest: +SKIP
+    """
+    t0 = time.perf_counter()
+    spec = describe_model(model)
+    conds = _check_options(method, weights, conditions, sizes, taus, top_k)
+    require_ready(model)
+    tokens = prepare_tokens(model, spec, input, prepend_bos=prepend_bos)
+    tgt = _target_id(model, target, spec.d_vocab)
+    layout = EdgeLayout(spec.n_layers, spec.n_heads, int(tokens.numel()))
+    timings: dict[str, float] = {}
+
+    with model_guard(model):
+        run = clean_run(model, spec, tokens)
+        t1 = time.perf_counter()
+        timings["forward"] = t1 - t0
+        vec = node_vectors(run)
+        check_decomposition(run, vec, rel_tol=1e-4 if model_dtype(model) == torch.float32 else 2e-2)
+        verify_attention_masking(model, spec, tokens, run.b_O)
+        graph: Graph = compute_weights(vec, layout, weights)
+        t2 = time.perf_counter()
+        timings["graph"] = t2 - t1
+        strata = STRATIFICATIONS[method](graph, sizes if method == "strace" else taus)
+        tables = [strata.labels]
+        rnd = None
+        if "random" in conds:
+            rnd = random_strata(graph, strata.counts.tolist(), strata.sizes.tolist(), seed=seed)
+            tables.append(rnd.labels)
+        t3 = time.perf_counter()
+        timings["search"] = t3 - t2
+
+        K = strata.n_strata
+        rows = [MaskRow(table=(1 if c == "random" else 0), k=k, inverse=(c == "inverse")) for c in conds for k in range(K)]
+        chunk = rows_per_chunk(spec, layout.n_pos, model_dtype(model), memory_budget=memory_budget, batch_size=batch_size)
+        full = torch.log_softmax(run.logits, dim=-1)
+        out: dict[str, list[Tensor]] = {n: [] for n in ("tv", "kl", "nucleus", "entropy", "ce", "rank", "ids", "probs")}
+        for logp in masked_logprobs(model, spec, tokens, layout, tables, rows, chunk=chunk):
+            if not torch.isfinite(logp).all():
+                raise InputError(f"{spec.name} produced non-finite logits under a masked forward; "
+                                 "run the model in float32.")
+            out["tv"].append(total_variation(full, logp))
+            out["kl"].append(kl_divergence(full, logp))
+            out["nucleus"].append(shared_nucleus(full, logp))
+            out["entropy"].append(entropy(logp))
+            if tgt is not None:
+                ce, rk = target_stats(logp, tgt)
+                out["ce"].append(ce)
+                out["rank"].append(rk.float())
+            ids, probs = top_tokens(logp, top_k)
+            out["ids"].append(ids)
+            out["probs"].append(probs)
+        timings["evaluate"] = time.perf_counter() - t3
+
+    C = len(conds)
+    shape = (C, K)
+    cat = lambda n: torch.cat(out[n]).cpu().reshape(*shape, *torch.cat(out[n]).shape[1:])  # noqa: E731
+    nan = torch.full(shape, float("nan"))
+    reach = []
+    for c in conds:
+        if c == "inverse":  # every residual edge is kept: the skip chain reaches the input
+            reach.append(torch.ones(K, dtype=torch.bool))
+        else:
+            reach.append(_reaches_input(rnd if c == "random" else strata, layout, graph.valid))
+    top_ids = cat("ids")
+    decode = str_tokens
+    full_ids, full_probs = top_tokens(full[None], top_k)
+    if tgt is not None:
+        fce, frk = target_stats(full[None], tgt)
+        full_ce, full_rank = float(fce[0]), float(frk[0])
+    else:
+        full_ce = full_rank = float("nan")
+    timings["total"] = time.perf_counter() - t0
+    return StraceResult(
+        model=spec.to_json(),
+        config={"method": method, "weights": weights, "ablation": "zero", "seed": int(seed),
+                "sizes": [float(s) for s in strata.params] if method == "strace" else None,
+                "taus": [float(s) for s in strata.params] if method != "strace" else None,
+                "prepend_bos": prepend_bos, "top_k": top_k, "version": __version__},
+        str_tokens=str_tokens(model, tokens.cpu()),
+        tokens=tokens.cpu(),
+        target=tgt,
+        n_edges=graph.n_edges,
+        conditions=conds,
+        sizes=strata.sizes.float(),
+        counts=strata.counts,
+        params=strata.params.float(),
+        tv_all=cat("tv"),
+        kl_all=cat("kl"),
+        nucleus_all=cat("nucleus"),
+        entropy_all=cat("entropy"),
+        ce_all=cat("ce") if tgt is not None else nan.clone(),
+        target_rank_all=cat("rank") if tgt is not None else nan.clone(),
+        reaches_input_all=torch.stack(reach),
+        top_ids=top_ids,
+        top_probs=cat("probs"),
+        top_strs=[[decode(model, top_ids[c, k]) for k in range(K)] for c in range(C)],
+        full_top_ids=full_ids[0].cpu(),
+        full_top_probs=full_probs[0].cpu(),
+        full_top_strs=decode(model, full_ids[0].cpu()),
+        full_entropy=float(entropy(full[None])[0]),
+        full_ce=full_ce,
+        full_target_rank=full_rank,
+        labels=strata.labels,
+        rank=strata.rank,
+        weights=graph.weights.float(),
+        timings=timings,
+    )

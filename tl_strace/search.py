@@ -1,0 +1,447 @@
+"""Subgraph search: s-Trace (paper B) and paper A's stratifications, all producing nested strata.
+
+Every search returns :class:`Strata`: for each edge, the smallest stratum that contains it
+(``labels``), so stratum ``k`` is ``labels <= k``. Strata are nested by construction, and the last
+one is always the full graph (s = 1). Searches are registered by name in :data:`STRATIFICATIONS`.
+
+* ``strace`` (METHOD.md §3, default): a max-priority frontier of edges keyed on weight (ties:
+  insertion order), seeded with the output node's in-edges; each popped edge joins the trace, and
+  its source node's in-edges join the frontier the first time that node is reached. Stratum ``k``
+  is the first ``n_k = floor(σ_k · |E|)`` edges taken.
+* ``threshold``: edges with weight > τ, then the part connected to the output node.
+* ``nucleus``: walk back from the output node; at each reached node keep the shortest prefix of its
+  in-edges (by weight) whose cumulative weight reaches τ (at least one edge).
+* :func:`random_strata`: the *random* baseline — the s-Trace search run on i.i.d. uniform weights
+  from a seeded generator, i.e. a random connected subgraph grown back from the output node, with
+  exactly the same edge counts.
+
+:func:`strace_order` is the fast implementation (a lazy k-way merge of per-node sorted in-edge
+lists, taking runs of edges at C speed with ``bisect``); :func:`reference_strace_order` is the
+plain heap of METHOD.md §3, kept as the reference the tests compare against.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from tl_strace.errors import InputError
+from tl_strace.graph import EdgeLayout, EdgeType, Graph
+
+__all__ = [
+    "DEFAULT_SIZES",
+    "STRATIFICATIONS",
+    "Strata",
+    "check_sizes",
+    "nucleus_strata",
+    "random_strata",
+    "reference_strace_order",
+    "strace_order",
+    "strace_strata",
+    "target_counts",
+    "threshold_strata",
+]
+
+DEFAULT_SIZES: tuple[float, ...] = (
+    1e-5, 2e-5, 4e-5, 8e-5, 1e-4, 2e-4, 4e-4, 8e-4, 1e-3, 1.2e-3, 1.4e-3, 2e-3, 3e-3, 4e-3, 6e-3, 8e-3,
+    1e-2, 2e-2, 4e-2, 6e-2, 8e-2, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0,
+)
+"""Paper B's 26 target sizes, then the full graph."""
+
+DEFAULT_THRESHOLD_TAUS: tuple[float, ...] = (0.9, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 1e-3, 5e-4, 2e-4, 1e-4)
+DEFAULT_NUCLEUS_TAUS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
+
+NOT_IN_ANY = np.iinfo(np.int32).max
+"""Label of an edge outside every stratum (only non-ancestor slots of the edge space)."""
+
+
+@dataclass(frozen=True)
+class Strata:
+    """Nested subgraphs of one graph, ascending in size; the last is the full graph.
+
+    ``labels[e]`` is the smallest stratum containing edge ``e`` (:data:`NOT_IN_ANY` for slots that
+    are not graph edges), so stratum ``k`` is ``labels <= k`` and holds ``counts[k]`` edges.
+    ``sizes`` are the x-axis of every curve: the target sizes σ for s-Trace, the realised sizes
+    ``counts / |E|`` for threshold and nucleus strata. ``params`` are what defined each stratum
+    (σ or τ). ``rank`` is the order in which a search added edges (-1 where it did not).
+    """
+
+    method: str
+    sizes: Float[Tensor, "stratum"]
+    counts: Int[Tensor, "stratum"]
+    params: Float[Tensor, "stratum"]
+    labels: Int[Tensor, "edge"]
+    rank: Int[Tensor, "edge"]
+
+    @property
+    def n_strata(self) -> int:
+        return int(self.sizes.numel())
+
+    def mask(self, k: int) -> Bool[Tensor, "edge"]:
+        """Membership of stratum ``k`` over the flat edge space."""
+        return self.labels <= k
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes
+# ---------------------------------------------------------------------------------------------
+def check_sizes(sizes: Sequence[float] | None) -> tuple[float, ...]:
+    """Validate target sizes: each in (0, 1], strictly increasing; the full graph (1.0) is appended.
+
+    >>> check_sizes([1e-3, 0.1])
+    (0.001, 0.1, 1.0)
+    """
+    if sizes is None:
+        return DEFAULT_SIZES
+    try:
+        vals = [float(s) for s in sizes]
+    except (TypeError, ValueError) as e:
+        raise InputError(f"Sizes must be numbers in (0, 1]; got {sizes!r}.") from e
+    if not vals:
+        raise InputError("Sizes must not be empty; pass None for the 26 paper sizes.")
+    bad = [s for s in vals if not (0.0 < s <= 1.0) or math.isnan(s)]
+    if bad:
+        raise InputError(f"Sizes must lie in (0, 1] (a fraction of the graph's edges); got {bad}.")
+    if any(b <= a for a, b in zip(vals, vals[1:])):
+        raise InputError(
+            f"Sizes must be strictly increasing without duplicates; got {vals}. "
+            f"Did you mean {sorted(set(vals))}?"
+        )
+    if vals[-1] != 1.0:
+        vals.append(1.0)
+    return tuple(vals)
+
+
+def target_counts(sizes: Sequence[float], n_edges: int) -> list[int]:
+    """``floor(σ · |E|)`` computed exactly for the decimal σ as written (no float round-off).
+
+    >>> target_counts([0.29, 1.0], 100)
+    [29, 100]
+    """
+    return [math.floor(Fraction(repr(float(s))) * n_edges) for s in sizes]
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-node sorted in-edge lists
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Adjacency:
+    """Every node's in-edges sorted by (weight desc, canonical position), concatenated in node order.
+
+    Canonical position is a node's in-edge order: the residual edge first, then attention edges
+    head-major, source-minor (attention nodes) or the MLP edge (MLP nodes). It breaks weight ties
+    exactly as "insertion order" does in the plain heap.
+    """
+
+    negw: list[float]
+    eid: list[int]
+    src: list[int]
+    canon: list[int]
+    start: list[int]
+    end: list[int]
+    n_nodes: int
+    output: int
+
+
+def _rows(layout: EdgeLayout, weights: Tensor) -> tuple[Tensor, ...]:
+    """In-edge rows per target node: (weights, edge ids, source nodes, valid) for attention nodes
+    ``[L, T, 1+H·T]`` and MLP nodes ``[L, T, 2]``, columns in canonical order."""
+    L, H, T = layout.n_layers, layout.n_heads, layout.n_pos
+    w_a, w_ra, w_m, w_rm = layout.split(weights.double())
+    lidx = torch.arange(L)[:, None]
+    tidx = torch.arange(T)[None, :]
+    ids_ra = layout.offset(EdgeType.RES_ATTN) + lidx * T + tidx  # [L, T]
+    ids_a = torch.arange(layout.n_attn).reshape(L, H, T, T).permute(0, 2, 1, 3).reshape(L, T, H * T)
+    W_att = torch.cat([w_ra[..., None], w_a.permute(0, 2, 1, 3).reshape(L, T, H * T)], dim=-1)
+    I_att = torch.cat([ids_ra[..., None], ids_a], dim=-1)
+    s_src = torch.arange(T).repeat(H)  # source position per attention column
+    S_att = torch.cat([(2 * lidx * T + tidx)[..., None], (2 * lidx * T)[..., None] + s_src[None, None, :].expand(L, T, H * T)], dim=-1)
+    V_att = torch.cat([torch.ones(L, T, 1, dtype=torch.bool),
+                       (s_src[None, :] <= torch.arange(T)[:, None]).expand(L, T, H * T)], dim=-1)
+    W_mlp = torch.stack([w_rm, w_m], dim=-1)
+    I_mlp = torch.stack([layout.offset(EdgeType.RES_MLP) + lidx * T + tidx, layout.offset(EdgeType.MLP) + lidx * T + tidx], dim=-1).expand(L, T, 2)
+    S_mlp = ((2 * lidx + 1) * T + tidx)[..., None].expand(L, T, 2)
+    V_mlp = torch.ones(L, T, 2, dtype=torch.bool)
+    return W_att, I_att, S_att, V_att, W_mlp, I_mlp, S_mlp, V_mlp
+
+
+def _adjacency(graph: Graph) -> _Adjacency:
+    layout = graph.layout
+    L, T = layout.n_layers, layout.n_pos
+    W_att, I_att, S_att, V_att, W_mlp, I_mlp, S_mlp, V_mlp = _rows(layout, graph.weights)
+    parts: dict[str, list[Tensor]] = {"negw": [], "eid": [], "src": [], "canon": []}
+    counts: list[Tensor] = []
+    for W, I, S, V in ((W_att, I_att, S_att, V_att), (W_mlp, I_mlp, S_mlp, V_mlp)):
+        key = torch.where(V, -W, torch.full_like(W, math.inf))
+        key, order = torch.sort(key, dim=-1, stable=True)
+        canon = torch.gather(V.long().cumsum(-1) - 1, -1, order)  # position among the node's in-edges
+        parts_l = (key, torch.gather(I, -1, order), torch.gather(S, -1, order), canon)
+        cnt = V.sum(-1)  # [L, T]; valid columns sort first (invalid keys are +inf)
+        keep = torch.arange(W.shape[-1])[None, None, :] < cnt[..., None]
+        for name, x in zip(("negw", "eid", "src", "canon"), parts_l):
+            parts[name].append(x.masked_fill(~keep, 0) if name != "negw" else x.masked_fill(~keep, 0.0))
+        counts.append(cnt)
+    # Interleave per layer: node ids (2l+1)T+t (attention rows) then (2l+2)T+t (MLP rows).
+    flat: dict[str, list] = {k: [] for k in parts}
+    starts = [0] * T  # embedding nodes (g = 0) have no in-edges
+    ends = [0] * T
+    pos = 0
+    for l in range(L):
+        for kind in (0, 1):
+            cnt = counts[kind][l]
+            keep = torch.arange(parts["negw"][kind].shape[-1])[None, :] < cnt[:, None]
+            for name in parts:
+                flat[name].append(parts[name][kind][l][keep])
+            c = cnt.tolist()
+            for t in range(T):
+                starts.append(pos)
+                pos += c[t]
+                ends.append(pos)
+    cat = {k: torch.cat(v) for k, v in flat.items()}
+    return _Adjacency(
+        negw=cat["negw"].tolist(), eid=cat["eid"].tolist(), src=cat["src"].tolist(), canon=cat["canon"].tolist(),
+        start=starts, end=ends, n_nodes=layout.n_nodes, output=layout.output_node,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# s-Trace
+# ---------------------------------------------------------------------------------------------
+def strace_order(graph: Graph, n_max: int | None = None) -> Int[Tensor, "taken"]:
+    """Edge ids in the order s-Trace takes them, the first ``n_max`` (default: all of |E|).
+
+    Equal to :func:`reference_strace_order`, ties included, but the frontier holds one entry per
+    reached node (its best untaken in-edge) instead of every edge, and a node's consecutive edges
+    that beat every other frontier entry are taken in one slice.
+    """
+    adj = _adjacency(graph)
+    n_max = graph.n_edges if n_max is None else min(n_max, graph.n_edges)
+    negw, eid, src, canon, end = adj.negw, adj.eid, adj.src, adj.canon, adj.end
+    ptr = list(adj.start)
+    base = [0] * adj.n_nodes
+    reached = bytearray(adj.n_nodes)
+    heap: list[tuple[float, int, int]] = []
+    counter = 0
+    order: list[int] = []
+    total = 0
+
+    node = adj.output
+    reached[node] = 1
+    if end[node] > ptr[node]:
+        base[node] = 0
+        counter = end[node] - ptr[node]
+        heap.append((negw[ptr[node]], canon[ptr[node]], node))
+    heappop, heappush = heapq.heappop, heapq.heappush
+    while heap and total < n_max:
+        _, _, node = heappop(heap)
+        p, e = ptr[node], end[node]
+        if heap:
+            tw, ti, _ = heap[0]
+            k = bisect_left(negw, tw, p, e)  # strictly heavier than the runner-up
+            k2 = bisect_right(negw, tw, k, e)
+            if k2 > k:  # equal weight: earlier insertion wins
+                k = bisect_left(canon, ti - base[node], k, k2)
+            stop = k if k > p else p + 1
+        else:
+            stop = e
+        if stop - p > n_max - total:
+            stop = p + (n_max - total)
+        new = -1
+        for j in range(p, stop):
+            if not reached[src[j]]:
+                new = j
+                break
+        if new >= 0:
+            stop = new + 1
+        order.extend(eid[p:stop])
+        total += stop - p
+        ptr[node] = stop
+        if new >= 0:
+            s = src[new]
+            reached[s] = 1
+            if end[s] > ptr[s]:
+                base[s] = counter
+                counter += end[s] - ptr[s]
+                heappush(heap, (negw[ptr[s]], base[s] + canon[ptr[s]], s))
+        if stop < e:
+            heappush(heap, (negw[stop], base[node] + canon[stop], node))
+    return torch.tensor(order, dtype=torch.long)
+
+
+def reference_strace_order(graph: Graph, n_max: int | None = None) -> Int[Tensor, "taken"]:
+    """METHOD.md §3 verbatim: a heap of every frontier edge keyed on (−weight, insertion index).
+
+    Slow (one Python heap entry per edge); it is the definition the fast search is tested against.
+    """
+    layout = graph.layout
+    n_max = graph.n_edges if n_max is None else min(n_max, graph.n_edges)
+    W_att, I_att, S_att, V_att, W_mlp, I_mlp, S_mlp, V_mlp = _rows(layout, graph.weights)
+    L, T = layout.n_layers, layout.n_pos
+    in_edges: dict[int, list[tuple[float, int, int]]] = {}
+    for l in range(L):
+        for t in range(T):
+            row = [(float(W_att[l, t, c]), int(I_att[l, t, c]), int(S_att[l, t, c]))
+                   for c in range(W_att.shape[-1]) if V_att[l, t, c]]
+            in_edges[(2 * l + 1) * T + t] = row
+            in_edges[(2 * l + 2) * T + t] = [(float(W_mlp[l, t, c]), int(I_mlp[l, t, c]), int(S_mlp[l, t, c])) for c in range(2)]
+    heap: list[tuple[float, int, int, int]] = []
+    counter = 0
+
+    def push(node: int) -> None:
+        nonlocal counter
+        for w, e, s in in_edges.get(node, []):
+            heapq.heappush(heap, (-w, counter, e, s))
+            counter += 1
+
+    reached = {layout.output_node}
+    push(layout.output_node)
+    order: list[int] = []
+    while heap and len(order) < n_max:
+        _, _, e, s = heapq.heappop(heap)
+        order.append(e)
+        if s not in reached:
+            reached.add(s)
+            push(s)
+    return torch.tensor(order, dtype=torch.long)
+
+
+def _strata_from_order(method: str, graph: Graph, order: Tensor, sizes: Sequence[float],
+                       counts: Sequence[int], params: Sequence[float]) -> Strata:
+    E = graph.layout.size
+    rank = torch.full((E,), -1, dtype=torch.long)
+    rank[order] = torch.arange(order.numel())
+    labels = torch.full((E,), NOT_IN_ANY, dtype=torch.long)
+    c = torch.tensor(list(counts), dtype=torch.long)
+    taken = rank >= 0
+    labels[taken] = torch.searchsorted(c, rank[taken], right=True)
+    # Edges beyond the largest partial target belong to the final (full) stratum only.
+    labels[graph.valid & ~taken] = len(counts) - 1
+    return Strata(method=method, sizes=torch.tensor(list(sizes), dtype=torch.float64), counts=c,
+                  params=torch.tensor(list(params), dtype=torch.float64), labels=labels, rank=rank)
+
+
+def strace_strata(graph: Graph, sizes: Sequence[float] | None = None) -> Strata:
+    """Nested s-Trace strata for target ``sizes`` (default: :data:`DEFAULT_SIZES`), in one pass."""
+    sizes = check_sizes(sizes)
+    counts = target_counts(sizes, graph.n_edges)
+    # The full graph needs no search: run the heap only up to the largest partial target.
+    partial = [c for c in counts if c < graph.n_edges]
+    order = strace_order(graph, max(partial) if partial else 0)
+    return _strata_from_order("strace", graph, order, sizes, counts, sizes)
+
+
+def random_strata(graph: Graph, counts: Sequence[int], sizes: Sequence[float], *, seed: int = 0) -> Strata:
+    """The *random* baseline: connected subgraphs grown back from the output node in a random order
+    (s-Trace on i.i.d. uniform weights from ``torch.Generator().manual_seed(seed)``), one per
+    stratum, nested, with exactly ``counts`` edges each."""
+    gen = torch.Generator().manual_seed(int(seed))
+    rnd = torch.rand(graph.layout.size, generator=gen, dtype=torch.float64)
+    g = Graph(graph.layout, rnd.masked_fill(~graph.valid, 0.0), graph.valid)
+    partial = [c for c in counts if c < graph.n_edges]
+    order = strace_order(g, max(partial) if partial else 0)
+    return _strata_from_order("random", graph, order, sizes, counts, sizes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paper A's stratifications
+# ---------------------------------------------------------------------------------------------
+def _by_target_layer(layout: EdgeLayout) -> tuple[Tensor, Tensor, list[Tensor]]:
+    ids = torch.arange(layout.size)
+    src, tgt = layout.node_ids(ids)
+    tgt_layer = torch.div(tgt, layout.n_pos, rounding_mode="floor")
+    groups = [torch.nonzero(tgt_layer == g).flatten() for g in range(2 * layout.n_layers + 1)]
+    return src, tgt, groups
+
+
+def _connected(layout: EdgeLayout, keep: Bool[Tensor, "edge"], src: Tensor, tgt: Tensor,
+               groups: list[Tensor]) -> Bool[Tensor, "edge"]:
+    """Kept edges whose target is reachable from the output node through kept edges."""
+    reach = torch.zeros(layout.n_nodes, dtype=torch.bool)
+    reach[layout.output_node] = True
+    out = torch.zeros_like(keep)
+    for g in range(2 * layout.n_layers, 0, -1):
+        idx = groups[g]
+        sel = idx[keep[idx] & reach[tgt[idx]]]
+        out[sel] = True
+        reach[src[sel]] = True
+    return out
+
+
+def _strata_from_masks(method: str, graph: Graph, masks: list[Tensor], params: list[float]) -> Strata:
+    """Build Strata from nested masks ordered sparse → dense (the full graph is appended)."""
+    masks = [m & graph.valid for m in masks] + [graph.valid]
+    params = list(params) + [0.0 if method == "threshold" else 1.0]
+    E = graph.n_edges
+    labels = torch.full((graph.layout.size,), NOT_IN_ANY, dtype=torch.long)
+    for k in range(len(masks) - 1, -1, -1):
+        labels[masks[k]] = k
+    counts = [int(m.sum()) for m in masks]
+    # Rank: by stratum, then by weight within a stratum (for display order only).
+    key = labels.double() * 2.0 - graph.weights.double()
+    rank = torch.full((graph.layout.size,), -1, dtype=torch.long)
+    order = torch.argsort(key[graph.valid], stable=True)
+    rank[torch.nonzero(graph.valid).flatten()[order]] = torch.arange(order.numel())
+    return Strata(method=method, sizes=torch.tensor([c / E for c in counts], dtype=torch.float64),
+                  counts=torch.tensor(counts, dtype=torch.long), params=torch.tensor(params, dtype=torch.float64),
+                  labels=labels, rank=rank)
+
+
+def _check_taus(taus: Sequence[float], name: str) -> list[float]:
+    vals = [float(t) for t in taus]
+    if not vals or any(not (0.0 <= t <= 1.0) for t in vals) or len(set(vals)) != len(vals):
+        raise InputError(f"{name} values must be distinct numbers in [0, 1]; got {list(taus)}.")
+    return vals
+
+
+def threshold_strata(graph: Graph, taus: Sequence[float] | None = None) -> Strata:
+    """Paper A's threshold strata: edges with weight > τ, connected to the output; one per τ."""
+    taus = sorted(_check_taus(taus or DEFAULT_THRESHOLD_TAUS, "Threshold"), reverse=True)
+    src, tgt, groups = _by_target_layer(graph.layout)
+    masks = [_connected(graph.layout, graph.valid & (graph.weights > t), src, tgt, groups) for t in taus]
+    return _strata_from_masks("threshold", graph, masks, taus)
+
+
+def nucleus_strata(graph: Graph, taus: Sequence[float] | None = None) -> Strata:
+    """Paper A's nucleus strata: at each reached node the shortest weight-sorted prefix of its
+    in-edges whose cumulative weight reaches τ (at least one); one stratum per τ."""
+    taus = sorted(_check_taus(taus or DEFAULT_NUCLEUS_TAUS, "Nucleus"))
+    layout = graph.layout
+    L, T = layout.n_layers, layout.n_pos
+    W_att, I_att, S_att, V_att, W_mlp, I_mlp, S_mlp, V_mlp = _rows(layout, graph.weights)
+    sorted_rows = []
+    for W, I, S, V in ((W_att, I_att, S_att, V_att), (W_mlp, I_mlp, S_mlp, V_mlp)):
+        key = torch.where(V, -W, torch.full_like(W, math.inf))
+        _, order = torch.sort(key, dim=-1, stable=True)
+        Ws = torch.gather(torch.where(V, W, torch.zeros_like(W)), -1, order)
+        sorted_rows.append((Ws.cumsum(-1), torch.gather(I, -1, order), torch.gather(S, -1, order), V.sum(-1)))
+    masks = []
+    for tau in taus:
+        reach = torch.zeros(layout.n_nodes, dtype=torch.bool)
+        reach[layout.output_node] = True
+        keep = torch.zeros(layout.size, dtype=torch.bool)
+        for l in range(L - 1, -1, -1):
+            for kind, g in ((1, 2 * l + 2), (0, 2 * l + 1)):
+                cum, ids, srcs, cnt = (x[l] for x in sorted_rows[kind])
+                n_keep = torch.clamp((cum < tau - 1e-12).sum(-1) + 1, max=cnt)  # [T]
+                row_on = reach[g * T + torch.arange(T)]
+                sel = (torch.arange(cum.shape[-1])[None, :] < n_keep[:, None]) & row_on[:, None]
+                keep[ids[sel]] = True
+                reach[srcs[sel]] = True
+        masks.append(keep)
+    return _strata_from_masks("nucleus", graph, masks, taus)
+
+
+STRATIFICATIONS: dict[str, Callable[..., Strata]] = {
+    "strace": strace_strata,
+    "threshold": threshold_strata,
+    "nucleus": nucleus_strata,
+}

@@ -1,0 +1,97 @@
+"""Local edge weights (METHOD.md §2), computed from one clean run without gradients.
+
+Each scheme maps :class:`~tl_strace.graph.NodeVectors` to a flat weight tensor over the edge space;
+weights sum to 1 over every node's in-edges. Schemes are registered by name in :data:`WEIGHTS`:
+
+* ``"l1"`` (paper B default): ``w_j = ‖z_j‖₁ / Σ_k ‖z_k‖₁``. Since ``‖pattern · u‖₁ = pattern · ‖u‖₁``,
+  attention-edge weights never materialise the per-edge vectors.
+* ``"ifr"`` (paper A option): proximity ``p_j = ‖y‖₁ − ‖y − z_j‖₁`` shifted by ``|min_k p_k|`` (no clamp at
+  0), normalised to sum to 1 over the node's in-edges. This one does materialise the attention edge
+  vectors, one target position at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_strace.errors import InputError
+from tl_strace.graph import EdgeLayout, Graph, NodeVectors
+
+__all__ = ["WEIGHTS", "compute_weights", "ifr_weights", "l1_weights"]
+
+
+def _normalise(attn: Tensor, res_attn: Tensor, mlp: Tensor, res_mlp: Tensor, causal: Tensor
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Divide each node's in-edge scores by their sum (uniform where a node's scores sum to 0)."""
+    attn = attn * causal
+    tot_a = res_attn + attn.sum(dim=(1, 3))  # [L, T]
+    n_in_a = 1 + causal.sum(dim=(1, 3))
+    tot_m = mlp + res_mlp
+    safe = lambda tot: torch.where(tot > 0, tot, torch.ones_like(tot))  # noqa: E731
+    za, zm = tot_a <= 0, tot_m <= 0
+    attn = torch.where(za[:, None, :, None], causal / n_in_a[:, None, :, None], attn / safe(tot_a)[:, None, :, None])
+    res_attn = torch.where(za, 1.0 / n_in_a, res_attn / safe(tot_a))
+    mlp_w = torch.where(zm, torch.full_like(mlp, 0.5), mlp / safe(tot_m))
+    res_mlp_w = torch.where(zm, torch.full_like(res_mlp, 0.5), res_mlp / safe(tot_m))
+    return attn, res_attn, mlp_w, res_mlp_w
+
+
+def _causal(vec: NodeVectors) -> Tensor:
+    L, H, T, _ = vec.pattern.shape
+    return torch.ones(T, T, dtype=vec.pattern.dtype, device=vec.pattern.device).tril().expand(L, H, T, T)
+
+
+def l1_weights(vec: NodeVectors) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """L1 weights per block: (attn [L,H,T,T], res_attn [L,T], mlp [L,T], res_mlp [L,T])."""
+    vo_l1 = vec.vo.abs().sum(-1)  # [L, S, H]
+    attn = vec.pattern * vo_l1.permute(0, 2, 1)[:, :, None, :]  # [L, H, T, S]
+    res_attn = vec.resid_pre.abs().sum(-1)
+    mlp = vec.mlp_out.abs().sum(-1)
+    res_mlp = vec.resid_mid.abs().sum(-1)
+    return _normalise(attn, res_attn, mlp, res_mlp, _causal(vec))
+
+
+def ifr_weights(vec: NodeVectors) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """IFR proximity weights per block (see module docstring)."""
+    L, H, T, _ = vec.pattern.shape
+    causal = _causal(vec)
+    attn = torch.zeros_like(vec.pattern)
+    res_attn = torch.zeros(L, T, dtype=vec.pattern.dtype, device=vec.pattern.device)
+    y_a = vec.resid_mid  # attention-node vectors, b_O included: the node is Σ edges + b_O
+    y_norm = y_a.abs().sum(-1)  # [L, T]
+    for t in range(T):  # per target position: [L, H, t+1, d] edge vectors at a time
+        z = vec.pattern[:, :, t, : t + 1, None] * vec.vo[:, : t + 1].permute(0, 2, 1, 3)  # [L, H, S, d]
+        attn[:, :, t, : t + 1] = y_norm[:, t, None, None] - (y_a[:, t, None, None, :] - z).abs().sum(-1)
+    res_attn = y_norm - (y_a - vec.resid_pre).abs().sum(-1)
+    y_m = vec.resid_post
+    ym_norm = y_m.abs().sum(-1)
+    mlp = ym_norm - (y_m - vec.mlp_out).abs().sum(-1)
+    res_mlp = ym_norm - (y_m - vec.resid_mid).abs().sum(-1)
+    # Shift each node's proximities by |min| over its in-edges, then normalise.
+    big = torch.finfo(attn.dtype).max
+    min_a = torch.minimum(res_attn, attn.masked_fill(causal == 0, big).amin(dim=(1, 3)))  # [L, T]
+    attn = (attn + min_a.abs()[:, None, :, None]) * causal
+    res_attn = res_attn + min_a.abs()
+    min_m = torch.minimum(mlp, res_mlp)
+    mlp, res_mlp = mlp + min_m.abs(), res_mlp + min_m.abs()
+    return _normalise(attn, res_attn, mlp, res_mlp, causal)
+
+
+WEIGHTS: dict[str, Callable[[NodeVectors], tuple[Tensor, Tensor, Tensor, Tensor]]] = {
+    "l1": l1_weights,
+    "ifr": ifr_weights,
+}
+
+
+def compute_weights(vec: NodeVectors, layout: EdgeLayout, scheme: str = "l1") -> Graph:
+    """The weighted graph of one input under weighting ``scheme`` (a key of :data:`WEIGHTS`)."""
+    if scheme not in WEIGHTS:
+        raise InputError(f"Unknown weight scheme {scheme!r}; choose one of {sorted(WEIGHTS)}.")
+    blocks = WEIGHTS[scheme](vec)
+    flat: Float[Tensor, "edge"] = layout.join(*blocks).float().cpu()
+    valid = layout.ancestors()
+    return Graph(layout=layout, weights=flat.masked_fill(~valid, 0.0), valid=valid)
