@@ -31,7 +31,7 @@ from torch import Tensor
 
 from tl_strace.errors import UnsupportedModelError
 from tl_strace.graph import EdgeLayout
-from tl_strace.model import ModelSpec, hook_name, model_dtype, run_hooked
+from tl_strace.model import ModelSpec, hook_name, run_hooked
 
 __all__ = ["MaskRow", "bytes_per_row", "masked_logprobs", "rows_per_chunk", "verify_attention_masking"]
 
@@ -77,7 +77,7 @@ def rows_per_chunk(spec: ModelSpec, n_pos: int, dtype: torch.dtype, *, memory_bu
 
 
 def _hooks(spec: ModelSpec, layout: EdgeLayout, tables: tuple[Tensor, Tensor, Tensor, Tensor],
-           tab: Tensor, k: Tensor, inv: Tensor, dtype: torch.dtype) -> list[tuple[str, Any]]:
+           tab: Tensor, k: Tensor, inv: Tensor, ablate_attention: bool) -> list[tuple[str, Any]]:
     attn_t, ra_t, m_t, rm_t = tables
     state: dict[str, Tensor] = {}
     hooks: list[tuple[str, Any]] = []
@@ -104,25 +104,25 @@ def _hooks(spec: ModelSpec, layout: EdgeLayout, tables: tuple[Tensor, Tensor, Te
             drop_r = (~((rm_t[tab, l] <= k2) | inv2))[..., None].to(m.dtype)
             return keep_m * m - drop_r * state.pop("mid")
 
-        hooks += [
-            (hook_name("resid_pre", l), pre_hook),
-            (hook_name("pattern", l), pattern_hook),
-            (hook_name("attn_out", l), attn_out_hook),
-            (hook_name("mlp_out", l), mlp_out_hook),
-        ]
+        hooks += [(hook_name("resid_pre", l), pre_hook)]
+        if ablate_attention:
+            hooks.append((hook_name("pattern", l), pattern_hook))
+        hooks += [(hook_name("attn_out", l), attn_out_hook), (hook_name("mlp_out", l), mlp_out_hook)]
     return hooks
 
 
 def masked_logprobs(model: Any, spec: ModelSpec, tokens: Int[Tensor, "pos"], layout: EdgeLayout,
                     label_tables: Sequence[Int[Tensor, "edge"]], rows: Sequence[MaskRow], *,
-                    chunk: int) -> Iterator[Float[Tensor, "row vocab"]]:
+                    chunk: int, ablate_attention: bool = True) -> Iterator[Float[Tensor, "row vocab"]]:
     """Yield float32 log-probabilities at the last position for ``rows``, ``chunk`` rows per forward.
+
+    ``ablate_attention=False`` leaves every attention edge in place whatever the masks say: what a
+    pipeline whose attention mask silently fails to apply computes (for comparison only).
 
     Hooks exist only inside each forward (TransformerLens's ``model.hooks`` context); the caller
     wraps the whole evaluation in :func:`tl_strace.model.model_guard`.
     """
     device = tokens.device
-    dtype = model_dtype(model)
     stacked = torch.stack([compact_labels(t) for t in label_tables]).to(device)
     tables = layout.split(stacked)
     for start in range(0, len(rows), chunk):
@@ -130,7 +130,7 @@ def masked_logprobs(model: Any, spec: ModelSpec, tokens: Int[Tensor, "pos"], lay
         tab = torch.tensor([r.table for r in part], device=device)
         k = torch.tensor([r.k for r in part], device=device, dtype=torch.int16)
         inv = torch.tensor([r.inverse for r in part], device=device)
-        hooks = _hooks(spec, layout, tables, tab, k, inv, dtype)
+        hooks = _hooks(spec, layout, tables, tab, k, inv, ablate_attention)
         batch = tokens[None].expand(len(part), -1)
         logits = run_hooked(model, batch, hooks, backend=spec.backend)
         yield torch.log_softmax(logits.float(), dim=-1)

@@ -92,6 +92,7 @@ def strace(
     batch_size: int | None = None,
     memory_budget: int | None = None,
     prepend_bos: bool | None = None,
+    ablate_attention: bool = True,
 ) -> StraceResult:
     """Trace one input: find nested subgraphs that best reproduce the model's next-token
     distribution, evaluate them by masked forward passes, and measure how dense the computation is.
@@ -111,6 +112,9 @@ def strace(
         batch_size: masks per forward pass; default: as many as ``memory_budget`` allows.
         memory_budget: bytes per masked forward (default 1 GiB); see ``ablation.bytes_per_row``.
         prepend_bos: passed to ``model.to_tokens`` for text input.
+        ablate_attention: ``False`` never removes attention edges (the masks apply to residual and MLP
+            edges only). This reproduces a pipeline whose attention mask silently fails to apply, to
+            measure how much apparent sparsity depends on it; never use it for real measurements.
 
     Returns:
         A :class:`StraceResult`; ``result.tv``, ``result.density``, ``result.subgraph(1e-3)``, ...
@@ -151,7 +155,8 @@ def strace(
         chunk = rows_per_chunk(spec, layout.n_pos, model_dtype(model), memory_budget=memory_budget, batch_size=batch_size)
         full = torch.log_softmax(run.logits, dim=-1)
         out: dict[str, list[Tensor]] = {n: [] for n in ("tv", "kl", "nucleus", "entropy", "ce", "rank", "ids", "probs")}
-        for logp in masked_logprobs(model, spec, tokens, layout, tables, rows, chunk=chunk):
+        for logp in masked_logprobs(model, spec, tokens, layout, tables, rows, chunk=chunk,
+                                        ablate_attention=ablate_attention):
             if not torch.isfinite(logp).all():
                 raise InputError(f"{spec.name} produced non-finite logits under a masked forward; "
                                  "run the model in float32.")
@@ -190,6 +195,7 @@ def strace(
     return StraceResult(
         model=spec.to_json(),
         config={"method": method, "weights": weights, "ablation": "zero", "seed": int(seed),
+                "granularity": "token", "ablate_attention": bool(ablate_attention),
                 "sizes": [float(s) for s in strata.params] if method == "strace" else None,
                 "taus": [float(s) for s in strata.params] if method != "strace" else None,
                 "prepend_bos": prepend_bos, "top_k": top_k, "version": __version__},

@@ -1,0 +1,57 @@
+"""Real behaviour on the real SmolLM2-135M-Instruct (offline): exactness and what s-Trace finds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tl_strace as ts
+from tl_strace.ablation import MaskRow, masked_logprobs
+from tl_strace.graph import EdgeLayout, check_decomposition, node_vectors
+from tl_strace.model import clean_run, describe_model, prepare_tokens
+
+pytestmark = pytest.mark.real
+
+PASSAGES = [line.strip() for line in (Path(__file__).parent.parent / "data" / "passages_en.txt").read_text().splitlines()
+            if line.strip()]
+
+
+def test_bundled_model_predicts_paris(smollm2):
+    toks = smollm2.to_tokens("The capital of France is")
+    assert smollm2.to_string(smollm2(toks)[0, -1].argmax()) == " Paris"
+
+
+def test_exactness_on_smollm2(smollm2):
+    spec = describe_model(smollm2)
+    assert (spec.n_layers, spec.n_heads, spec.n_kv_heads) == (30, 9, 3)
+    tokens = prepare_tokens(smollm2, spec, PASSAGES[0])
+    run = clean_run(smollm2, spec, tokens)
+    errs = check_decomposition(run, node_vectors(run))
+    assert max(errs.values()) < 1e-3  # absolute, on streams with norms in the hundreds
+    layout = EdgeLayout(spec.n_layers, spec.n_heads, tokens.numel())
+    full = torch.zeros(layout.size, dtype=torch.long)
+    no_attn = full.clone()
+    layout.split(no_attn)[0].fill_(1)
+    logp = torch.cat(list(masked_logprobs(smollm2, spec, tokens, layout, [full, no_attn],
+                                          [MaskRow(0, 0), MaskRow(1, 0)], chunk=2)))
+    want = torch.log_softmax(smollm2(tokens[None])[0, -1].float(), -1)
+    assert (logp[0] - want).abs().max() <= 1e-4  # every edge kept: the model's own logits
+    assert 0.5 * (logp[1].exp() - want.exp()).abs().sum() > 0.1  # no attention edges: a different output
+
+
+def test_strace_beats_random_on_real_passages(smollm2):
+    assert len(PASSAGES) >= 20
+    sizes = np.array(ts.DEFAULT_SIZES)
+    window = (sizes >= 1e-2) & (sizes <= 0.4)
+    wins = total = 0
+    for text in PASSAGES:
+        res = ts.strace(smollm2, text, conditions=["only", "random"])
+        assert float(res.nucleus[-1]) == 99.0
+        assert float(res.tv[-1]) < 1e-4
+        tv, rnd = res.tv.numpy()[window], res.curve("tv", "random").numpy()[window]
+        wins += int((tv < rnd).sum())
+        total += int(window.sum())
+    assert wins > total / 2, f"s-Trace beat random at {wins}/{total} (passage, size) pairs in [1e-2, 0.4]"

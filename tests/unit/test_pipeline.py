@@ -1,0 +1,144 @@
+"""strace() end to end on tiny models: the result's curves, density, subgraphs and storage."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import tl_strace as ts
+from tl_strace.cli import format_trace, main
+from tl_strace.errors import InputError, ResultsError
+from tl_strace.search import target_counts
+
+TOKS = torch.tensor([0, 5, 17, 3, 42, 8, 9, 23])
+
+
+@pytest.fixture(scope="module")
+def res(gpt2_model):
+    return ts.strace(gpt2_model, TOKS, target=11)
+
+
+def test_result_shapes_and_invariants(res):
+    K = len(ts.DEFAULT_SIZES)
+    assert res.conditions == ("only", "random", "inverse")
+    assert res.tv_all.shape == (3, K) and res.top_ids.shape == (3, K, 5)
+    assert res.counts.tolist() == target_counts(ts.DEFAULT_SIZES, res.n_edges)
+    assert float(res.tv[-1]) <= 1e-6 and float(res.nucleus[-1]) == 99.0
+    assert float(res.curve("tv", "random")[-1]) <= 1e-6  # the random subgraph at s = 1 is the full graph
+    assert bool(((res.tv_all >= 0) & (res.tv_all <= 1)).all())
+    assert math.isfinite(res.density) and 0 <= res.density <= 5
+    assert res.full_top_strs[0] == res.top_strs[0][-1][0]
+    assert not math.isnan(res.full_ce) and bool(torch.isfinite(res.ce_all).all())
+
+
+def test_density_matches_its_definition(res):
+    x = np.log10(np.clip(res.sizes.numpy().astype(np.float64), 1e-8, 1))
+    y = res.tv.numpy().astype(np.float64)
+    assert res.density == pytest.approx(float(np.trapezoid(y, x)), rel=1e-9)
+    rec = res.recovery_sizes()
+    assert rec[1] <= rec[90] and rec[90] <= 1.0
+
+
+def test_dataframe_has_one_row_per_condition_and_size(res):
+    df = res.to_dataframe()
+    assert len(df) == 3 * len(ts.DEFAULT_SIZES)
+    assert set(df.condition) == {"only", "random", "inverse"}
+    only = df[df.condition == "only"]
+    np.testing.assert_allclose(only.tv.to_numpy(), res.tv.numpy(), rtol=1e-6)
+
+
+def test_subgraph_is_named_typed_and_matches_the_stratum(res):
+    k = ts.DEFAULT_SIZES.index(0.1)
+    sub = res.subgraph(0.1)
+    assert len(sub) == int(res.counts[k])
+    df = sub.to_dataframe()
+    assert list(df.columns[:5]) == ["name", "type", "layer", "head", "target"]
+    assert set(df.type) <= {"attn", "res_attn", "mlp", "res_mlp"}
+    assert (df["rank"].diff().dropna() > 0).all()
+    # any s below the largest partial stratum is a prefix of the trace
+    assert len(res.subgraph(0.05)) == target_counts([0.05], res.n_edges)[0]
+    with pytest.raises(InputError, match="No stratum"):
+        res.subgraph(0.9)
+    with pytest.raises(InputError):
+        res.subgraph(0.0)
+
+
+def test_save_and_load_roundtrip_without_loss(res, tmp_path):
+    path = tmp_path / "r.safetensors"
+    res.save(path)
+    back = ts.StraceResult.load(path)
+    for f in res.__dataclass_fields__:
+        a, b = getattr(res, f), getattr(back, f)
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b) or torch.allclose(a, b, equal_nan=True), f
+        elif isinstance(a, float) and math.isnan(a):
+            assert math.isnan(b)
+        else:
+            assert a == b, f
+    assert back.density == res.density
+
+
+def test_loading_garbage_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x80\x04not a safetensors file")
+    with pytest.raises(ResultsError, match="not a tl_strace result"):
+        ts.StraceResult.load(bad)
+    with pytest.raises(ResultsError, match="No result file"):
+        ts.StraceResult.load(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("method", ["threshold", "nucleus"])
+def test_paper_a_methods_run_end_to_end(gpt2_model, method):
+    r = ts.strace(gpt2_model, TOKS, method=method, conditions=["only"])
+    assert r.config["method"] == method
+    assert torch.all(r.sizes[1:] >= r.sizes[:-1]) and float(r.sizes[-1]) == 1.0
+    assert float(r.tv[-1]) <= 1e-6
+
+
+def test_ifr_weights_are_local_and_run(llama_model):
+    r = ts.strace(llama_model, TOKS, weights="ifr", conditions=["only"])
+    lay = r.layout
+    _, tgt = lay.node_ids(torch.arange(lay.size))
+    valid = r.labels < 10**6
+    tot = torch.zeros(lay.n_nodes, dtype=torch.float64).index_add_(0, tgt[valid], r.weights[valid].double())
+    reached = torch.unique(tgt[valid])
+    torch.testing.assert_close(tot[reached], torch.ones_like(tot[reached]), atol=1e-5, rtol=0)
+
+
+def test_l1_weights_are_local(res):
+    lay = res.layout
+    _, tgt = lay.node_ids(torch.arange(lay.size))
+    tot = torch.zeros(lay.n_nodes, dtype=torch.float64).index_add_(0, tgt, res.weights.double())
+    reached = torch.unique(tgt[res.labels < 10**6])
+    torch.testing.assert_close(tot[reached], torch.ones_like(tot[reached]), atol=1e-5, rtol=0)
+
+
+def test_attention_never_ablated_differs_from_faithful(gpt2_model, res):
+    r = ts.strace(gpt2_model, TOKS, conditions=["only"], ablate_attention=False)
+    assert r.config["ablate_attention"] is False
+    assert not torch.allclose(r.tv, res.tv)
+
+
+def test_batch_size_does_not_change_numbers(gpt2_model, res):
+    r = ts.strace(gpt2_model, TOKS, target=11, batch_size=5)
+    torch.testing.assert_close(r.tv_all, res.tv_all, atol=1e-5, rtol=0)
+
+
+def test_text_input_and_target_text(gpt2_model):
+    r = ts.strace(gpt2_model, "w5 w6 w7 w8", target=" w9", sizes=[0.1, 0.5], conditions=["only"])
+    assert r.str_tokens[0] == "<bos>" and len(r.sizes) == 3
+    assert r.target == 9
+
+
+def test_cli_text_report(res):
+    text = format_trace(res)
+    assert "density" in text and "TV random" in text and "top tokens of the trace" in text
+
+
+def test_cli_reports_errors_as_one_line(capsys):
+    assert main(["trace", "--model", "/nonexistent/dir/for/sure", "hello"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tl-strace: error:") and "no such directory" in err
