@@ -19,6 +19,7 @@ that is position ``T-1`` alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from enum import IntEnum
 
 import torch
@@ -152,8 +153,9 @@ class Graph:
     weights: Float[Tensor, "edge"]
     valid: Bool[Tensor, "edge"]
 
-    @property
+    @cached_property
     def n_edges(self) -> int:
+        """|E|: edges that are ancestors of the output node."""
         return int(self.valid.sum())
 
     def with_weights(self, weights: Float[Tensor, "edge"]) -> "Graph":

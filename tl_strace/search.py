@@ -15,16 +15,16 @@ one is always the full graph (s = 1). Searches are registered by name in :data:`
   from a seeded generator, i.e. a random connected subgraph grown back from the output node, with
   exactly the same edge counts.
 
-:func:`strace_order` is the fast implementation (a lazy k-way merge of per-node sorted in-edge
-lists, taking runs of edges at C speed with ``bisect``); :func:`reference_strace_order` is the
-plain heap of METHOD.md §3, kept as the reference the tests compare against.
+:func:`strace_order` is the fast implementation: edges sorted by their *bottleneck* (a max-min
+recursion over tensors), with a heap replay only inside runs of equal bottleneck.
+:func:`reference_strace_order` is the plain heap of METHOD.md §3, kept as the definition the
+tests compare against.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -133,25 +133,6 @@ def target_counts(sizes: Sequence[float], n_edges: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 # Per-node sorted in-edge lists
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Adjacency:
-    """Every node's in-edges sorted by (weight desc, canonical position), concatenated in node order.
-
-    Canonical position is a node's in-edge order: the residual edge first, then attention edges
-    head-major, source-minor (attention nodes) or the MLP edge (MLP nodes). It breaks weight ties
-    exactly as "insertion order" does in the plain heap.
-    """
-
-    negw: list[float]
-    eid: list[int]
-    src: list[int]
-    canon: list[int]
-    start: list[int]
-    end: list[int]
-    n_nodes: int
-    output: int
-
-
 def _rows(layout: EdgeLayout, weights: Tensor) -> tuple[Tensor, ...]:
     """In-edge rows per target node: (weights, edge ids, source nodes, valid) for attention nodes
     ``[L, T, 1+H·T]`` and MLP nodes ``[L, T, 2]``, columns in canonical order."""
@@ -174,107 +155,145 @@ def _rows(layout: EdgeLayout, weights: Tensor) -> tuple[Tensor, ...]:
     return W_att, I_att, S_att, V_att, W_mlp, I_mlp, S_mlp, V_mlp
 
 
-def _adjacency(graph: Graph) -> _Adjacency:
-    layout = graph.layout
-    L, T = layout.n_layers, layout.n_pos
-    W_att, I_att, S_att, V_att, W_mlp, I_mlp, S_mlp, V_mlp = _rows(layout, graph.weights)
-    parts: dict[str, list[Tensor]] = {"negw": [], "eid": [], "src": [], "canon": []}
-    counts: list[Tensor] = []
-    for W, I, S, V in ((W_att, I_att, S_att, V_att), (W_mlp, I_mlp, S_mlp, V_mlp)):
-        key = torch.where(V, -W, torch.full_like(W, math.inf))
-        key, order = torch.sort(key, dim=-1, stable=True)
-        canon = torch.gather(V.long().cumsum(-1) - 1, -1, order)  # position among the node's in-edges
-        parts_l = (key, torch.gather(I, -1, order), torch.gather(S, -1, order), canon)
-        cnt = V.sum(-1)  # [L, T]; valid columns sort first (invalid keys are +inf)
-        keep = torch.arange(W.shape[-1])[None, None, :] < cnt[..., None]
-        for name, x in zip(("negw", "eid", "src", "canon"), parts_l):
-            parts[name].append(x.masked_fill(~keep, 0) if name != "negw" else x.masked_fill(~keep, 0.0))
-        counts.append(cnt)
-    # Interleave per layer: node ids (2l+1)T+t (attention rows) then (2l+2)T+t (MLP rows).
-    flat: dict[str, list] = {k: [] for k in parts}
-    starts = [0] * T  # embedding nodes (g = 0) have no in-edges
-    ends = [0] * T
-    pos = 0
-    for l in range(L):
-        for kind in (0, 1):
-            cnt = counts[kind][l]
-            keep = torch.arange(parts["negw"][kind].shape[-1])[None, :] < cnt[:, None]
-            for name in parts:
-                flat[name].append(parts[name][kind][l][keep])
-            c = cnt.tolist()
-            for t in range(T):
-                starts.append(pos)
-                pos += c[t]
-                ends.append(pos)
-    cat = {k: torch.cat(v) for k, v in flat.items()}
-    return _Adjacency(
-        negw=cat["negw"].tolist(), eid=cat["eid"].tolist(), src=cat["src"].tolist(), canon=cat["canon"].tolist(),
-        start=starts, end=ends, n_nodes=layout.n_nodes, output=layout.output_node,
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # s-Trace
 # ---------------------------------------------------------------------------------------------
+def bottlenecks(graph: Graph) -> tuple[Float[Tensor, "edge"], Float[Tensor, "node"]]:
+    """Each edge's bottleneck ``b(e) = min(B(target), w_e)`` and each node's ``B(v)``: the largest,
+    over paths from the output node to ``v``, of the smallest weight on the path (``+inf`` at the
+    output, ``-inf`` off the graph). One max-min recursion per block, top to bottom, over tensors.
+
+    s-Trace takes edges in non-increasing order of ``b``: when it pops an edge of weight ``k``,
+    every edge of larger bottleneck has been popped already (the first untaken edge on that edge's
+    path from the output would otherwise sit in the frontier with weight > k). Only the order
+    *within* a run of equal bottlenecks needs a heap (see :func:`strace_order`).
+    """
+    layout = graph.layout
+    L, T = layout.n_layers, layout.n_pos
+    neg = -math.inf
+    valid_a = layout.split(graph.valid)[0]
+    w_a, w_ra, w_m, w_rm = layout.split(graph.weights)  # min/max only: exact in any float dtype
+    w_a = w_a.masked_fill(~valid_a, neg)
+    b_a, b_ra, b_m, b_rm = (torch.full_like(x, neg) for x in (w_a, w_ra, w_m, w_rm))
+    node_B = torch.full((2 * L + 1, T), neg, dtype=graph.weights.dtype)
+    node_B[2 * L, T - 1] = math.inf
+    for l in range(L - 1, -1, -1):
+        B_post = node_B[2 * l + 2]
+        b_m[l] = torch.minimum(B_post, w_m[l])
+        b_rm[l] = torch.minimum(B_post, w_rm[l])
+        node_B[2 * l + 1] = B_mid = torch.maximum(b_m[l], b_rm[l])  # both leave node (2l+1, t)
+        b_ra[l] = torch.minimum(B_mid, w_ra[l])
+        b_a[l] = torch.minimum(B_mid[None, :, None], w_a[l])
+        node_B[2 * l] = torch.maximum(b_ra[l], b_a[l].amax(dim=(0, 1)))  # node (2l, s)
+    return layout.join(b_a, b_ra, b_m, b_rm).masked_fill(~graph.valid, neg), node_B.flatten()
+
+
 def strace_order(graph: Graph, n_max: int | None = None) -> Int[Tensor, "taken"]:
     """Edge ids in the order s-Trace takes them, the first ``n_max`` (default: all of |E|).
 
-    Equal to :func:`reference_strace_order`, ties included, but the frontier holds one entry per
-    reached node (its best untaken in-edge) instead of every edge, and a node's consecutive edges
-    that beat every other frontier entry are taken in one slice.
+    Equal to :func:`reference_strace_order`, ties included, without a Python step per edge: edges
+    are sorted by bottleneck (:func:`bottlenecks`), and only runs of equal bottleneck are replayed
+    with a heap (:func:`_replay_run`). On real graphs nearly every run is a single edge.
     """
-    adj = _adjacency(graph)
     n_max = graph.n_edges if n_max is None else min(n_max, graph.n_edges)
-    negw, eid, src, canon, end = adj.negw, adj.eid, adj.src, adj.canon, adj.end
-    ptr = list(adj.start)
-    base = [0] * adj.n_nodes
-    reached = bytearray(adj.n_nodes)
-    heap: list[tuple[float, int, int]] = []
-    counter = 0
-    order: list[int] = []
-    total = 0
+    b, node_B = bottlenecks(graph)
+    ids = torch.nonzero(graph.valid).flatten()
+    order = ids[torch.sort(-b[ids], stable=True).indices]
+    neg_sb = -b[order]
+    change = torch.nonzero(neg_sb[1:] != neg_sb[:-1]).flatten() + 1
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), change])
+    ends = torch.cat([change, torch.tensor([neg_sb.numel()])])
+    tied = torch.nonzero((ends - starts > 1) & (starts < n_max)).flatten()
+    if tied.numel() == 0:
+        return order[:n_max]
+    runs = list(zip(starts[tied].tolist(), ends[tied].tolist()))
+    layout = graph.layout
+    at = torch.cat([torch.arange(s0, s1) for s0, s1 in runs])  # positions inside tied runs
+    members = order[at]
+    src, tgt = layout.node_ids(members)
+    # Where each member's target was reached if that happened in a single-edge run: the position
+    # of the (only) edge whose bottleneck is B(target).
+    first = torch.searchsorted(neg_sb, -node_B[tgt].to(neg_sb.dtype), side="left")
+    ctx = _RunContext(
+        node_B=node_B.tolist(), output=layout.output_node, reach={}, lam=(-neg_sb[starts[tied]]).tolist(),
+        edge=members.tolist(), src=src.tolist(), tgt=tgt.tolist(), first=first.tolist(),
+        weight=graph.weights[members].tolist(), canon=_canonical(layout, members),
+    )
+    offset = 0
+    for r, (s0, s1) in enumerate(runs):
+        order[s0:s1] = torch.tensor(_replay_run(ctx, r, offset, s0, s1), dtype=torch.long)
+        offset += s1 - s0
+    return order[:n_max]
 
-    node = adj.output
-    reached[node] = 1
-    if end[node] > ptr[node]:
-        base[node] = 0
-        counter = end[node] - ptr[node]
-        heap.append((negw[ptr[node]], canon[ptr[node]], node))
-    heappop, heappush = heapq.heappop, heapq.heappush
-    while heap and total < n_max:
-        _, _, node = heappop(heap)
-        p, e = ptr[node], end[node]
-        if heap:
-            tw, ti, _ = heap[0]
-            k = bisect_left(negw, tw, p, e)  # strictly heavier than the runner-up
-            k2 = bisect_right(negw, tw, k, e)
-            if k2 > k:  # equal weight: earlier insertion wins
-                k = bisect_left(canon, ti - base[node], k, k2)
-            stop = k if k > p else p + 1
+
+@dataclass
+class _RunContext:
+    """What replaying tied runs needs, as Python lists (run members only, concatenated)."""
+
+    node_B: list[float]
+    output: int
+    reach: dict[int, int]  # position at which nodes reached inside tied runs were reached
+    lam: list[float]  # the bottleneck of each tied run
+    edge: list[int]
+    src: list[int]
+    tgt: list[int]
+    first: list[int]  # first position whose bottleneck equals B(target)
+    weight: list[float]
+    canon: list[int]
+
+    def reached_at(self, i: int) -> int:
+        """Position at which member ``i``'s target was first reached, for a target reached before
+        the current run: inside an earlier tied run (recorded), or by the single edge of
+        bottleneck ``B(target)``."""
+        t = self.tgt[i]
+        if t == self.output:
+            return -1
+        pos = self.reach.get(t)
+        return pos if pos is not None else self.first[i]
+
+
+def _canonical(layout: EdgeLayout, ids: Tensor) -> list[int]:
+    """Each edge's position among its target node's in-edges: residual 0, then attention edges
+    head-major and source-minor (1 + h·(t+1) + s), or the MLP edge (1)."""
+    d = layout.decode(ids)
+    kind = d["type"]
+    attn = 1 + d["head"] * (d["target"] + 1) + d["source"]
+    return torch.where(kind == EdgeType.ATTN, attn, (kind == EdgeType.MLP).long()).tolist()
+
+
+def _replay_run(ctx: _RunContext, r: int, offset: int, s0: int, s1: int) -> list[int]:
+    """The edges of positions ``[s0, s1)`` — a run of equal bottleneck λ — in the heap's pop order.
+
+    While the run lasts the frontier's best edge is always a run edge (run edges weigh ≥ λ, every
+    other frontier edge < λ). The run starts with its edges whose target was reached earlier
+    (``B(target) > λ``) and gains a node's run edges when that node is first reached within the
+    run. Keys are (−weight, position at which the target was reached, canonical position): the
+    last two are the plain heap's insertion order.
+    """
+    lam = ctx.lam[r]
+    heap: list[tuple[float, int, int, int]] = []
+    waiting: dict[int, list[tuple[float, int, int]]] = {}
+    for i in range(offset, offset + s1 - s0):
+        t = ctx.tgt[i]
+        if ctx.node_B[t] > lam:
+            heap.append((-ctx.weight[i], ctx.reached_at(i), ctx.canon[i], i))
         else:
-            stop = e
-        if stop - p > n_max - total:
-            stop = p + (n_max - total)
-        new = -1
-        for j in range(p, stop):
-            if not reached[src[j]]:
-                new = j
-                break
-        if new >= 0:
-            stop = new + 1
-        order.extend(eid[p:stop])
-        total += stop - p
-        ptr[node] = stop
-        if new >= 0:
-            s = src[new]
-            reached[s] = 1
-            if end[s] > ptr[s]:
-                base[s] = counter
-                counter += end[s] - ptr[s]
-                heappush(heap, (negw[ptr[s]], base[s] + canon[ptr[s]], s))
-        if stop < e:
-            heappush(heap, (negw[stop], base[node] + canon[stop], node))
-    return torch.tensor(order, dtype=torch.long)
+            waiting.setdefault(t, []).append((-ctx.weight[i], ctx.canon[i], i))
+    heapq.heapify(heap)
+    out: list[int] = []
+    pos = s0
+    while heap:
+        i = heapq.heappop(heap)[3]
+        out.append(ctx.edge[i])
+        s = ctx.src[i]
+        if ctx.node_B[s] == lam and s not in ctx.reach:
+            ctx.reach[s] = pos
+            for negw, c, k in waiting.pop(s, ()):
+                heapq.heappush(heap, (negw, pos, c, k))
+        pos += 1
+    if pos != s1:  # pragma: no cover - would mean the bottleneck argument is violated
+        raise AssertionError(f"s-Trace tie replay took {pos - s0} of {s1 - s0} edges")
+    return out
 
 
 def reference_strace_order(graph: Graph, n_max: int | None = None) -> Int[Tensor, "taken"]:
