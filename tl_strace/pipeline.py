@@ -69,11 +69,13 @@ def _target_id(model: Any, target: int | str | None, d_vocab: int) -> int | None
     return t
 
 
-def _reaches_input(strata: Strata, layout: EdgeLayout, valid: Tensor) -> Tensor:
-    """Per stratum: does the (connected) subgraph contain an edge out of an embedding node?"""
-    src, _ = layout.node_ids(torch.arange(layout.size))
-    from_input = valid & (src < layout.n_pos)
-    first = int(strata.labels[from_input].min()) if from_input.any() else strata.n_strata
+def _reaches_input(strata: Strata, layout: EdgeLayout) -> Tensor:
+    """Per stratum: does the (connected) subgraph contain an edge out of an embedding node?
+
+    Edges leaving embedding nodes are block 0's attention and attention-skip edges.
+    """
+    attn, res_attn, _, _ = layout.split(strata.labels)
+    first = int(torch.minimum(attn[0].min(), res_attn[0].min()))
     return torch.arange(strata.n_strata) >= first
 
 
@@ -182,7 +184,7 @@ def strace(
         if c == "inverse":  # every residual edge is kept: the skip chain reaches the input
             reach.append(torch.ones(K, dtype=torch.bool))
         else:
-            reach.append(_reaches_input(rnd if c == "random" else strata, layout, graph.valid))
+            reach.append(_reaches_input(rnd if c == "random" else strata, layout))
     top_ids = cat("ids")
     decode = str_tokens
     full_ids, full_probs = top_tokens(full[None], top_k)

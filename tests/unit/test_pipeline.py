@@ -32,6 +32,17 @@ def test_result_shapes_and_invariants(res):
     assert math.isfinite(res.density) and 0 <= res.density <= 5
     assert res.full_top_strs[0] == res.top_strs[0][-1][0]
     assert not math.isnan(res.full_ce) and bool(torch.isfinite(res.ce_all).all())
+    # reaching an input node: never for the empty strata, always for the full graph, monotone
+    reach = res.reaches_input_all[0]
+    assert int(res.counts[0]) == 0 and not bool(reach[0]) and bool(reach[-1])
+    assert bool((reach[1:] >= reach[:-1]).all())
+    first = int(reach.float().argmax())
+
+    def leaves_input(k: int) -> bool:
+        df = res.subgraph(float(res.sizes[k])).to_dataframe()
+        return bool(((df.layer == 0) & df.type.isin(["attn", "res_attn"])).any())
+
+    assert leaves_input(first) and not leaves_input(first - 1)
 
 
 def test_density_matches_its_definition(res):
