@@ -69,6 +69,8 @@ def _add_trace(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="masks per forward pass (default: from the memory budget)")
     p.add_argument("--save", metavar="PATH", help="also save the result (.safetensors, loadable with StraceResult.load)")
     p.add_argument("--json", action="store_true", help="print the result table as JSON instead of text")
+    p.add_argument("--html", metavar="PATH", help="also write a standalone HTML report (curves, interactive "
+                   "circuit, circuitsvis details; works offline)")
 
 
 def _run_trace(args: argparse.Namespace) -> int:
@@ -79,6 +81,8 @@ def _run_trace(args: argparse.Namespace) -> int:
                     conditions=args.conditions, target=args.target, seed=args.seed, batch_size=args.batch_size)
     if args.save:
         res.save(args.save)
+    if args.html:
+        res.save_html(args.html, model=model)
     if args.json:
         print(json.dumps({"summary": res.summary(), "strata": res.to_dataframe().to_dict(orient="records")},
                          default=float, indent=1))
@@ -90,6 +94,61 @@ def _run_trace(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "trace": ("trace one input and print its density and per-size table", _add_trace, _run_trace),
 }
+
+
+# ---------------------------------------------------------------- corpus runs (tl_strace.corpus, tl_strace.analysis)
+def _add_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="bundled model name (smollm2-135m), local directory, or hub name")
+    p.add_argument("--data", required=True, help="shipped set (austen-40, austen-20, austen-10), a .jsonl/.tsv/.txt "
+                   "file of passages, or wikitext[:config[:split]] (needs the internet or a datasets cache)")
+    p.add_argument("--out", required=True, help="run directory; rerun the same command to resume")
+    p.add_argument("--granularity", default="token", choices=["token", "component"])
+    p.add_argument("--ablation", default="zero", choices=["zero", "mean"])
+    p.add_argument("--limit", type=int, help="trace only the first N passages (may grow between invocations)")
+    p.add_argument("--conditions", nargs="+", default=["only"], choices=["only", "random", "inverse"])
+    p.add_argument("--method", default="strace", choices=["strace", "threshold", "nucleus"])
+    p.add_argument("--weights", default="l1", choices=["l1", "ifr"])
+    p.add_argument("--sizes", type=float, nargs="+", help="s-Trace target sizes (default: paper B's 26)")
+    p.add_argument("--taus", type=float, nargs="+", help="thresholds for --method threshold/nucleus")
+    p.add_argument("--record-sizes", type=float, nargs="+", default=None,
+                   help="sizes at which each trace's heads and MLPs are recorded (default 1e-3 1e-2 0.1 0.4)")
+    p.add_argument("--no-attention-ablation", action="store_true",
+                   help="never ablate attention edges (a comparison run; not a faithful measurement)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, help="masks per forward pass (default: from the memory budget)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from tl_strace.corpus import DEFAULT_RECORD_SIZES, run_corpus
+
+    summary = run_corpus(args.model, args.data, args.out, granularity=args.granularity, ablation=args.ablation,
+                         conditions=args.conditions, limit=args.limit, sizes=args.sizes, method=args.method,
+                         taus=args.taus, weights=args.weights, seed=args.seed, batch_size=args.batch_size,
+                         ablate_attention=not args.no_attention_ablation,
+                         record_sizes=args.record_sizes or DEFAULT_RECORD_SIZES, progress=not args.quiet)
+    if summary.rank == 0:
+        print(summary.report())
+    return 0
+
+
+def _add_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories (several: compared where they match)")
+    p.add_argument("--out", help="output path without suffix (default: DIR/report)")
+    p.add_argument("--format", nargs="+", default=["html", "md"], choices=["html", "md"])
+    p.add_argument("--title", default="tl_strace corpus report")
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from tl_strace.analysis import write_report
+
+    for path in write_report(args.dirs, args.out, formats=args.format, title=args.title):
+        print(path)
+    return 0
+
+
+COMMANDS["run"] = ("trace every passage of a data set, resumably (torchrun for several processes)", _add_run, _run_run)
+COMMANDS["report"] = ("write an HTML/Markdown report of corpus runs", _add_report, _run_report)
 
 
 def build_parser() -> argparse.ArgumentParser:

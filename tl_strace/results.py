@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
@@ -102,6 +103,21 @@ class Subgraph:
         g = df.groupby("component", sort=False).agg(layer=("layer", "first"), n_edges=("name", "size"),
                                                      weight=("weight", "sum"))
         return g.sort_values(["layer", "n_edges"], ascending=[True, False]).reset_index()
+
+    def component_shares(self) -> pd.DataFrame:
+        """:meth:`components` plus each component's edge count in the full graph (``n_edges_total``)
+        and the share of them this subgraph keeps (``share``).
+
+        A head of block l < L-1 has T(T+1)/2 attention edges and an MLP T edges; in the last block
+        only position T-1 reaches the output (T and 1 edges). See also
+        :func:`tl_strace.components.project_trace` for every stratum at once.
+        """
+        df = self.components()
+        T, L = len(self.str_tokens), self.n_layers
+        last = (df["layer"] == L - 1).to_numpy(dtype=bool)
+        is_mlp = df["component"].astype(str).str.startswith("MLP").to_numpy(dtype=bool)
+        total = np.where(is_mlp, np.where(last, 1, T), np.where(last, T, T * (T + 1) // 2)).astype(np.int64)
+        return df.assign(n_edges_total=total, share=df["n_edges"].to_numpy(dtype=np.float64) / np.maximum(total, 1))
 
 
 @dataclass(frozen=True)
@@ -250,6 +266,12 @@ class StraceResult:
     def subgraph(self, s: float) -> Subgraph:
         """The edges kept at size ``s``: a computed stratum, or (s-Trace only) any s up to the
         largest partial stratum, as the first ``floor(s·|E|)`` edges the search took."""
+        if self.config.get("granularity", "token") == "component":
+            raise InputError(
+                "subgraph() returns token-level edges; this result is component-level (its strata are sets of "
+                "heads and MLPs). Use tl_strace.components.component_table(result) and keep the rows with "
+                "first_size <= s."
+            )
         if not (0.0 < float(s) <= 1.0):
             raise InputError(f"Size must lie in (0, 1]; got {s}.")
         k = self._stratum(float(s))
@@ -318,3 +340,32 @@ class StraceResult:
         return (f"StraceResult(model={self.model.get('name')!r}, tokens={len(self.str_tokens)}, "
                 f"edges={self.n_edges}, method={self.config.get('method')!r}, strata={len(self.sizes)}, "
                 f"density={self.density:.4f}, full_top={self.full_top_strs[0]!r})")
+
+    # ---------------------------------------------------------------- views (tl_strace.views reads results;
+    # imported lazily so results never depends on views at import time)
+    def _repr_html_(self) -> str:
+        """Jupyter display: summary, TV and shared-nucleus curves (with baselines) and the
+        interactive circuit view; self-contained, no network (see :func:`tl_strace.views.circuit_view`)."""
+        from tl_strace.views import circuit_view
+
+        return circuit_view(self).html
+
+    def save_html(self, path: str | os.PathLike, *, model: Any = None, **kwargs: Any) -> str:
+        """Write a standalone HTML report (curves, circuit, table, composition, circuitsvis details);
+        with ``model``, also the attention patterns restricted to the trace. Keywords as
+        :func:`tl_strace.views.report_html`. Returns the path."""
+        from tl_strace.views import save_report
+
+        return save_report(self, path, model=model, **kwargs)
+
+    def plot(self, metric: str = "tv", *, ax: Any = None) -> Any:
+        """A matplotlib figure of ``metric`` against log s with the baselines and paper B's phases shaded."""
+        from tl_strace.views import plot_curves
+
+        return plot_curves(self, metric, ax=ax)
+
+    def plot_shares(self) -> Any:
+        """A matplotlib figure of the shares of attention/MLP/residual edges and of 4 layer groups vs s."""
+        from tl_strace.views import plot_shares
+
+        return plot_shares(self)

@@ -1,0 +1,120 @@
+"""HTML building blocks shared by every view: escaping, script-safe JSON, content ids, the view object.
+
+Everything user- or tokenizer-provided reaches a page through exactly two doors:
+
+* :func:`esc` for text placed in HTML (element content and attribute values);
+* :func:`script_json` for data placed inside ``<script>`` (JSON with ``<``, ``>``, ``&``, U+2028 and
+  U+2029 escaped, so a token ``</script>`` cannot end the script and the result is valid JS too).
+
+>>> esc('</script><img src=x onerror=alert(1)>')
+'&lt;/script&gt;&lt;img src=x onerror=alert(1)&gt;'
+>>> script_json({"tok": "</script>"})
+'{"tok":"\\\\u003c/script\\\\u003e"}'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["HTMLView", "content_id", "esc", "round_sig", "script_json"]
+
+
+def esc(text: object) -> str:
+    """``text`` escaped for HTML element content and quoted attribute values."""
+    return html.escape(str(text), quote=True)
+
+
+_SCRIPT_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def _finite(obj: Any) -> Any:
+    """Replace NaN/inf by ``None`` anywhere in a JSON-able structure (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def script_json(obj: Any) -> str:
+    """Compact JSON that is safe inside ``<script>`` and ``<script type="application/json">``.
+
+    NaN and infinities become ``null``. Keys keep their order, so equal inputs give equal text.
+    """
+    text = json.dumps(_finite(obj), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    for ch, rep in _SCRIPT_ESCAPES.items():
+        text = text.replace(ch, rep)
+    return text
+
+
+def round_sig(x: float, digits: int = 3) -> float | None:
+    """``x`` rounded to ``digits`` significant digits (``None`` for NaN/inf): small, stable JSON.
+
+    >>> round_sig(0.000123456), round_sig(12345.0), round_sig(float("nan"))
+    (0.000123, 12300.0, None)
+    """
+    x = float(x)
+    if not math.isfinite(x):
+        return None
+    if x == 0.0:
+        return 0.0
+    return float(f"{x:.{digits}g}")
+
+
+def content_id(prefix: str, *parts: str) -> str:
+    """A deterministic element id derived from the content it labels (no random UUIDs).
+
+    >>> content_id("tls", "abc")
+    'tls-dc1114cd0749'
+    """
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode("utf-8"))
+        h.update(b"\0")
+    return f"{prefix}-{h.hexdigest()[:12]}"
+
+
+@dataclass(frozen=True)
+class HTMLView:
+    """Self-contained HTML that Jupyter displays (``_repr_html_``) and that can be saved to a file.
+
+    ``str(view)`` is the same HTML (unlike circuitsvis, never a CDN variant); ``fragment`` says
+    whether it is a piece to embed (True) or a whole page (False).
+    """
+
+    html: str
+    title: str = ""
+    fragment: bool = True
+
+    def _repr_html_(self) -> str:
+        return self.html
+
+    def __html__(self) -> str:
+        return self.html
+
+    def __str__(self) -> str:
+        return self.html
+
+    def __len__(self) -> int:
+        """Size in bytes of the UTF-8 HTML."""
+        return len(self.html.encode("utf-8"))
+
+    def save(self, path: str | os.PathLike) -> str:
+        """Write a standalone page to ``path`` (a fragment is wrapped in a minimal page); returns the path."""
+        from tl_strace.views._page import page
+
+        text = self.html if not self.fragment else page(self.title or "tl_strace", self.html)
+        path = os.fspath(path)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+        return path

@@ -1,0 +1,276 @@
+"""circuitsvis detail views of a trace, rendered offline with the circuitsvis bundle inlined once per page.
+
+* :func:`attention_patterns` — the attention patterns of the heads a subgraph uses, restricted to the
+  kept edges (every attention weight the subgraph removes is drawn as 0). Needs the model: patterns are
+  recomputed with one cached forward pass (:func:`tl_strace.model.clean_run`).
+* :func:`colored_tokens` — each input token's contribution to the output (its share of the *flow*,
+  see :mod:`tl_strace.views._data`), one colouring per size; needs the result only.
+* :func:`topk_tokens` — the full model's and the subgraph's top tokens, per size and condition.
+* :func:`detail_views` — all of them on one page, with the 1.3 MB bundle included once.
+
+circuitsvis's own ``RenderedHTML`` reads the bundle from disk on every call, inlines it into every
+figure, probes google.com on every display, and places props in a ``<script>`` unescaped. Here the
+bundle is read once per process, included once per page, and props are script-safe JSON.
+
+>>> figs = detail_views(res, model=model, s=1e-2)   # doctest: +SKIP
+>>> figs                                            # in Jupyter: three circuitsvis figures  # doctest: +SKIP
+>>> figs.save("details.html")                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_strace.errors import InputError
+from tl_strace.results import StraceResult
+from tl_strace.views._data import component_stats, is_token_level, stratum_index
+from tl_strace.views._html import HTMLView, content_id, esc, round_sig, script_json
+
+__all__ = [
+    "CircuitsvisFigure",
+    "attention_patterns",
+    "circuitsvis_bundle",
+    "colored_tokens",
+    "detail_views",
+    "figures_html",
+    "restricted_patterns",
+    "topk_tokens",
+]
+
+
+@functools.lru_cache(maxsize=1)
+def circuitsvis_bundle() -> str:
+    """circuitsvis's browser bundle (``dist/cdn/iife.js``), read once, made safe to inline.
+
+    The bundle holds the literal ``"<script></script>"`` inside a JS string; ``</script`` becomes
+    ``<\\/script`` (the same string in JS), so the page's own ``<script>`` is not closed early; ``<!--``
+    (absent from 1.43's bundle) would become ``<\\!--`` for the same reason.
+    """
+    import circuitsvis
+
+    path = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
+    if not path.exists():
+        raise InputError(f"The circuitsvis bundle is missing at {path}; reinstall circuitsvis (pip install "
+                         "--force-reinstall circuitsvis).")
+    return path.read_text(encoding="utf-8").replace("</script", "<\\/script").replace("<!--", "<\\!--")
+
+
+@dataclass(frozen=True)
+class CircuitsvisFigure:
+    """One circuitsvis component with its props, a title and a note. Displays itself in Jupyter
+    (bundle included); several render together with :func:`figures_html` (bundle included once)."""
+
+    component: str
+    props: dict[str, Any]
+    title: str
+    note: str = ""
+
+    def _repr_html_(self) -> str:
+        return figures_html([self])
+
+    def save(self, path: str | os.PathLike) -> str:
+        """Write a standalone page holding this figure."""
+        return HTMLView(figures_html([self]), title=self.title).save(path)
+
+
+def figures_html(figures: list[CircuitsvisFigure], *, bundle: bool = True) -> str:
+    """HTML for several circuitsvis figures with the bundle inlined at most once.
+
+    Element ids are derived from each figure's content, so equal figures give equal HTML. With
+    ``bundle=False`` the caller promises the page already loads the bundle before these scripts.
+    """
+    parts = []
+    if bundle:
+        parts.append(f"<script>{circuitsvis_bundle()}</script>")
+    for i, fig in enumerate(figures):
+        props = script_json(fig.props)
+        fid = content_id("tls-cv", fig.component, props, str(i))
+        parts.append(f'<div class="tls-cv"><div class="tls-pt"><b>{esc(fig.title)}</b></div>'
+                     f'<div class="tls-note">{esc(fig.note)}</div><div id="{fid}"></div>'
+                     f'<script>CircuitsVis.render("{fid}", CircuitsVis.{fig.component}, {props});</script></div>')
+    return "\n".join(parts)
+
+
+def _check_model(model: Any, res: StraceResult) -> Any:
+    """The model's spec, checked against the result (same architecture), before any forward pass."""
+    from tl_strace.model import describe_model, require_ready
+
+    spec = describe_model(model)
+    want = (int(res.model["n_layers"]), int(res.model["n_heads"]))
+    if (spec.n_layers, spec.n_heads) != want or spec.name != res.model.get("name", spec.name):
+        raise InputError(f"This result was traced on {res.model.get('name')!r} ({want[0]} layers × {want[1]} heads) "
+                         f"but the model given is {spec.name!r} ({spec.n_layers} × {spec.n_heads}); "
+                         "pass the model the result was traced with.")
+    require_ready(model)
+    return spec
+
+
+def model_patterns(model: Any, res: StraceResult) -> Float[Tensor, "layer head pos pos_src"]:
+    """The clean attention patterns of ``res``'s input, recomputed with one forward pass."""
+    from tl_strace.model import clean_run
+
+    spec = _check_model(model, res)
+    device = next(iter(model.parameters())).device
+    run = clean_run(model, spec, res.tokens.to(device))
+    return run.pattern.cpu()
+
+
+def restricted_patterns(res: StraceResult, pattern: Float[Tensor, "layer head pos pos_src"],
+                        s: float | None = None) -> Float[Tensor, "layer head pos pos_src"]:
+    """``pattern`` with every attention edge outside the stratum nearest ``s`` set to 0, as the
+    masked forward pass of METHOD.md §4 does (no renormalisation)."""
+    lay = res.layout
+    if tuple(pattern.shape) != (lay.n_layers, lay.n_heads, lay.n_pos, lay.n_pos):
+        raise InputError(f"Patterns shaped {tuple(pattern.shape)} do not fit this result "
+                         f"({lay.n_layers} layers, {lay.n_heads} heads, {lay.n_pos} tokens).")
+    k = stratum_index(res, s)
+    a_lab = lay.split(res.labels.long())[0]
+    return pattern * (a_lab <= k).to(pattern.dtype)
+
+
+def attention_patterns(model: Any, res: StraceResult, s: float | None = None, *, max_heads: int = 12,
+                       pattern: Float[Tensor, "layer head pos pos_src"] | None = None) -> CircuitsvisFigure:
+    """circuitsvis attention patterns (its ``AttentionHeads`` component) of the heads the subgraph at size ``s`` relies on most
+    (largest summed kept edge weight), each restricted to its kept edges.
+
+    Args:
+        model: the model ``res`` was traced with (patterns are recomputed, not stored in results).
+        res: the result.
+        s: the size (nearest stratum on a log axis); default: the stratum the circuit view opens on.
+        max_heads: how many heads to show at most.
+        pattern: precomputed clean patterns ``[layer, head, pos, pos]`` (skips the forward pass).
+    """
+    if max_heads < 1:
+        raise InputError(f"max_heads must be at least 1; got {max_heads}.")
+    if pattern is None:
+        pattern = model_patterns(model, res)
+    k = stratum_index(res, s)
+    st = component_stats(res)
+    L, H = st.n_layers, st.n_heads
+    w = st.weight[k, : L * H]
+    order = [int(c) for c in torch.argsort(w, descending=True, stable=True).tolist() if float(w[c]) > 0][:max_heads]
+    kept = restricted_patterns(res, pattern.float(), float(res.sizes[k]))
+    heads = sorted(order)
+    att = torch.stack([kept[c // H, c % H] for c in heads]) if heads else torch.zeros(0, st.token_flow.shape[1],
+                                                                                        st.token_flow.shape[1])
+    names = [f"L{c // H}H{c % H} ({int(st.n_edges[k, c])} edges)" for c in heads]
+    values = [[[round_sig(v, 3) for v in row] for row in head] for head in att.tolist()]
+    size = float(res.sizes[k])
+    return CircuitsvisFigure(
+        "AttentionHeads",
+        {"attention": values, "tokens": list(res.str_tokens), "attentionHeadNames": names, "maxValue": 1.0,
+         "minValue": -1.0, "maskUpperTri": True},
+        title=f"Attention patterns restricted to the trace at s = {size:g}",
+        note=f"The {len(heads)} heads with the largest summed kept edge weight at s = {size:g} (of "
+             f"{int((st.n_edges[k, : L * H] > 0).sum())} heads in the trace); removed edges are drawn as 0.",
+    )
+
+
+def _as_html_text(tokens: list[str]) -> list[str]:
+    """Tokens escaped for circuitsvis components that put token text into ``innerHTML``.
+
+    ``ColoredTokens``, ``ColoredTokensMulti`` and ``TopkTokens`` (circuitsvis 1.43) render each token
+    with React's ``dangerouslySetInnerHTML`` after replacing whitespace by ``&nbsp;``, so a token
+    ``<img src=x onerror=...>`` would become a live element. Entity-escaping makes the cells show the
+    token's exact text (their hover tooltips then show the escaped form).
+    """
+    return [html.escape(t, quote=False) for t in tokens]
+
+
+def _size_labels(res: StraceResult) -> list[str]:
+    return [f"s = {float(s):g} ({int(n):,} edges)" for s, n in zip(res.sizes, res.counts)]
+
+
+def _flow_shares(flow: Float[Tensor, "*stratum pos"]) -> Float[Tensor, "*stratum pos"]:
+    """Token flow as shares of what reaches the input (rows sum to 1; all-zero rows stay 0)."""
+    total = flow.sum(-1, keepdim=True)
+    return torch.where(total > 0, flow / total.clamp_min(1e-300), torch.zeros_like(flow))
+
+
+def colored_tokens(res: StraceResult, s: float | None = None) -> CircuitsvisFigure:
+    """circuitsvis ``colored_tokens``: each input token's share of the output's flow that reaches the
+    input through the kept edges (see :mod:`tl_strace.views._data`).
+
+    Within a small stratum the flow reaching the input is tiny in absolute terms (every dropped
+    in-edge loses mass, layer after layer), so each size is shown as shares summing to 1; in the full
+    graph the shares are the flow itself. With ``s=None``, one colouring per size, largest first
+    (``colored_tokens_multi``); with ``s``, the nearest stratum only.
+    """
+    st = component_stats(res)
+    toks = _as_html_text(list(res.str_tokens))
+    shares = _flow_shares(st.token_flow.double())
+    note = ("Share of the flow reaching the input (the output's unit of edge weight pushed back through the "
+            "kept edges) that lands on each token's embedding. Shares sum to 1 per size.")
+    if s is None:  # largest size first: the full graph's attribution is what the view opens on
+        vals = [[round_sig(v, 3) for v in row] for row in shares.flip(0).T.tolist()]
+        return CircuitsvisFigure(
+            "ColoredTokensMulti", {"tokens": toks, "values": vals, "labels": _size_labels(res)[::-1]},
+            title="Contribution of each input token to the output, per size",
+            note=note + " Hover or click a size to colour by it.")
+    k = stratum_index(res, s)
+    return CircuitsvisFigure(
+        "ColoredTokens", {"tokens": toks, "values": [round_sig(v, 3) for v in shares[k].tolist()], "minValue": 0.0},
+        title=f"Contribution of each input token to the output at s = {float(res.sizes[k]):g}", note=note)
+
+
+def topk_tokens(res: StraceResult) -> CircuitsvisFigure:
+    """circuitsvis ``topk_tokens``: the full model's top tokens beside each subgraph's, per size
+    (the "Size" selector) and condition (the "Sample" selector)."""
+    K = int(res.sizes.numel())
+    conds = list(res.conditions)
+    vocab: list[str] = []
+    index: dict[str, int] = {}
+
+    def idx(t: str) -> int:
+        if t not in index:
+            index[t] = len(vocab)
+            vocab.append(t)
+        return index[t]
+
+    full_i = [idx(t) for t in res.full_top_strs]
+    full_p = [round_sig(float(p), 3) for p in res.full_top_probs]
+    vals, idxs, bvals, bidxs = [], [], [], []
+    for c in range(len(conds)):
+        v_c, i_c = [], []
+        for k in range(K):
+            sub_i = [idx(t) for t in res.top_strs[c][k]]
+            sub_p = [round_sig(float(p), 3) for p in res.top_probs[c, k]]
+            n = min(len(sub_i), len(full_i))
+            # rows: rank; columns: full model, subgraph
+            v_c.append([[full_p[r], sub_p[r]] for r in range(n)])
+            i_c.append([[full_i[r], sub_i[r]] for r in range(n)])
+        vals.append(v_c)
+        idxs.append(i_c)
+        bvals.append([[] for _ in range(K)])
+        bidxs.append([[] for _ in range(K)])
+    tokens = [_as_html_text(vocab) for _ in conds]
+    return CircuitsvisFigure(
+        "TopkTokens",
+        {"tokens": tokens, "topkVals": vals, "topkIdxs": idxs, "bottomkVals": bvals, "bottomkIdxs": bidxs,
+         "firstDimensionName": "Size", "thirdDimensionName": "Model (0 = full, 1 = subgraph)",
+         "sampleLabels": conds, "firstDimensionLabels": _size_labels(res)},
+        title="Top tokens: full model (column 0) and subgraph (column 1) per size",
+        note="Sample: the condition (only = the trace alone; random; inverse = the model without the trace). "
+             "Values are next-token probabilities.")
+
+
+def detail_views(res: StraceResult, model: Any = None, s: float | None = None, *,
+                 max_heads: int = 12) -> HTMLView:
+    """All detail views on one fragment, the circuitsvis bundle included once: attention patterns
+    (only when ``model`` is given), token contributions, and top tokens."""
+    figs = []
+    if is_token_level(res):  # component-level results have no token-level edges to restrict or flow through
+        if model is not None:
+            figs.append(attention_patterns(model, res, s, max_heads=max_heads))
+        figs.append(colored_tokens(res))
+    figs.append(topk_tokens(res))
+    return HTMLView(figures_html(figs), title=f"tl_strace details: {res.model.get('name', '')}")
