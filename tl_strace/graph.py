@@ -249,7 +249,8 @@ def check_decomposition(run: CleanRun, vec: NodeVectors, *, rel_tol: float = 1e-
             raise DecompositionError(
                 f"{spec.name}: the sum-of-edges identity fails for the {name}: max abs error {err:.3g} "
                 f"(tolerance {_tol(want, rel_tol):.3g}). This architecture does not decompose into the "
-                "graph of METHOD.md §1 exactly, so tl_strace refuses to trace it rather than approximate. "
+                "s-Trace graph exactly (edges summing to each residual-stream node), so tl_strace "
+                "refuses to trace it rather than approximate. "
                 "If the model runs in reduced precision, load it in float32 and retry."
             )
     return errs

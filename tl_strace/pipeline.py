@@ -23,7 +23,7 @@ from tl_strace.results import StraceResult
 from tl_strace.search import STRATIFICATIONS, Strata, check_sizes, random_strata
 from tl_strace.weights import WEIGHTS, compute_weights
 
-__all__ = ["CONDITIONS", "strace"]
+__all__ = ["CONDITIONS", "check_model", "strace"]
 
 CONDITIONS = ("only", "random", "inverse")
 """Evaluation conditions: the subgraph alone, a random connected subgraph of the same size, and the
@@ -77,6 +77,37 @@ def _reaches_input(strata: Strata, layout: EdgeLayout) -> Tensor:
     attn, res_attn, _, _ = layout.split(strata.labels)
     first = int(torch.minimum(attn[0].min(), res_attn[0].min()))
     return torch.arange(strata.n_strata) >= first
+
+
+def check_model(model: Any, input: str | Tensor | Sequence[int], *,
+                prepend_bos: bool | None = None) -> dict[str, float]:
+    """Run every exactness check tl_strace relies on, on ``input``, and return the worst errors.
+
+    * the edges into every node sum to the node's vector (attention and MLP nodes, block
+      boundaries, the linearised final norm, head outputs) — as :func:`strace` checks on every call;
+    * zeroing the attention pattern of block 0 leaves exactly the output bias (attention masking
+      really reaches the model);
+    * keeping every edge in a masked forward reproduces the model's logits (``"full graph logits"``).
+
+    Raises :class:`~tl_strace.errors.UnsupportedModelError` / :class:`~tl_strace.errors.DecompositionError`
+    with the failing identity when the model cannot be traced exactly.
+
+    >>> check_model(model, "The capital of France is")   # doctest: +SKIP
+    {'attention node (edges into resid_mid)': 3.1e-05, ..., 'full graph logits': 1.9e-06}
+    """
+    spec = describe_model(model)
+    require_ready(model)
+    tokens = prepare_tokens(model, spec, input, prepend_bos=prepend_bos)
+    layout = EdgeLayout(spec.n_layers, spec.n_heads, int(tokens.numel()))
+    with model_guard(model):
+        run = clean_run(model, spec, tokens)
+        errs = check_decomposition(run, node_vectors(run),
+                                   rel_tol=1e-4 if model_dtype(model) == torch.float32 else 2e-2)
+        verify_attention_masking(model, spec, tokens, run.b_O)
+        everything = torch.zeros(layout.size, dtype=torch.long)
+        (logp,) = list(masked_logprobs(model, spec, tokens, layout, [everything], [MaskRow(0, 0)], chunk=1))
+    errs["full graph logits"] = float((logp[0] - torch.log_softmax(run.logits, -1)).abs().max())
+    return errs
 
 
 def strace(

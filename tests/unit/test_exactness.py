@@ -155,3 +155,11 @@ def test_removing_one_mlp_edge_changes_exactly_that_contribution(gpt2_model):
         h.remove()
     assert (got[0] - want).abs().max() < 1e-5
     assert (got[0] - torch.log_softmax(run.logits, -1)).abs().max() > 1e-6
+
+
+def test_check_model_reports_every_identity(tiny_model):
+    import tl_strace as ts
+
+    errs = ts.check_model(tiny_model, torch.tensor(TOKENS))
+    assert "full graph logits" in errs and "attention node (edges into resid_mid)" in errs
+    assert max(errs.values()) < 1e-4
