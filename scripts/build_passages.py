@@ -9,10 +9,11 @@ what apt-get download needs); the R data are read here with zlib + a ~40-line XD
     python scripts/build_passages.py --deb path/to/r-cran-janeaustenr_1.0.0-1_all.deb
 
 Passages follow paper B's setup (40 words of running text, the next word as target) with
-:func:`tl_strace.io.datasets.passages_from_words`: non-overlapping windows drawn with a fixed seed,
-each target an alphabetic word. The 10- and 20-word variants keep the *same* id and next word and
-only the last 10 / 20 words of the context, for the context-length analysis. The output is
-deterministic for a given package version.
+:func:`tl_strace.io.datasets.passages_from_words`: non-overlapping windows within a chapter, drawn
+with a fixed seed, each target an alphabetic word; the six novels' passages are then shuffled
+(seeded), so the first N passages are a sample of all six. The 10- and 20-word variants keep the
+*same* id and next word and only the last 10 / 20 words of the context, for the context-length
+analysis. The output is deterministic for a given package version.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import argparse
 import gzip
 import hashlib
 import json
+import random
+import re
 import struct
 import subprocess
 import tempfile
@@ -112,6 +115,27 @@ def read_rdata(rdb: Path, rdx: Path) -> dict[str, Any]:
     return out
 
 
+_HEADING = re.compile(r"^\s*(chapter|volume)\b", re.IGNORECASE)
+
+
+def chapters(lines: list[str]) -> list[list[str]]:
+    """A novel's lines as one word list per chapter: front matter (before the first chapter
+    heading), headings and all-capitals lines dropped, ``_italics_`` markers removed."""
+    out: list[list[str]] = []
+    cur: list[str] | None = None
+    for line in lines:
+        line = (line or "").replace("_", "")
+        if _HEADING.match(line):
+            if cur:
+                out.append(cur)
+            cur = []
+        elif cur is not None and line.strip() and not line.strip().isupper():
+            cur.extend(line.split())
+    if cur:
+        out.append(cur)
+    return out
+
+
 def fetch_deb(workdir: Path) -> Path:
     """``apt-get download`` the package into ``workdir`` and return the .deb path."""
     subprocess.run(["apt-get", "download", PACKAGE], cwd=workdir, check=True, capture_output=True)
@@ -133,12 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         books = read_rdata(data, data.with_suffix(".rdx"))
         deb_sha = hashlib.sha256(Path(deb).read_bytes()).hexdigest()
         deb_name = Path(deb).name
-    sets: dict[int, list[Any]] = {40: [], 20: [], 10: []}
+    drawn = []
     for obj, prefix in BOOKS.items():
-        words = " ".join(line for line in books[obj] if line and not line.strip().isupper()).split()
-        ps = passages_from_words(words, n_words=40, n=args.per_book, seed=args.seed, id_prefix=prefix)
-        for n in sets:
-            sets[n] += [p.with_context(n) for p in ps]
+        drawn += passages_from_words(chapters(books[obj]), n_words=40, n=args.per_book, seed=args.seed,
+                                     id_prefix=prefix)
+    random.Random(args.seed).shuffle(drawn)  # any prefix (--limit N) is a sample of all six novels
+    sets = {n: [p.with_context(n) for p in drawn] for n in (40, 20, 10)}
     args.out.mkdir(parents=True, exist_ok=True)
     for n, ps in sets.items():
         path = args.out / f"austen-{n}.jsonl"
