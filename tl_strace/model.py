@@ -139,13 +139,13 @@ def describe_model(model: object) -> ModelSpec:
     if getattr(cfg, "parallel_attn_mlp", False):
         raise UnsupportedModelError(
             f"{name} uses parallel attention and MLP blocks (x + attn(x) + mlp(x), GPT-J/Pythia style). "
-            "Its MLP reads the block input, not the stream after attention, so METHOD.md §1's graph "
+            "Its MLP reads the block input, not the stream after attention, so the s-Trace graph "
             "(resid_mid between the sublayers) does not describe it and tl_strace refuses to approximate it. "
             "Use a sequential pre-norm model (GPT-2, Llama, Qwen2, Mistral, SmolLM2, ...)."
         )
     if getattr(cfg, "attn_only", False):
         raise UnsupportedModelError(
-            f"{name} is attention-only; the graph of METHOD.md §1 needs an MLP in every block."
+            f"{name} is attention-only; the s-Trace graph needs an MLP in every block."
         )
     for flag in ("use_normalization_before_and_after", "post_attention_norm", "use_post_attn_norm"):
         if getattr(cfg, flag, False):
@@ -153,6 +153,8 @@ def describe_model(model: object) -> ModelSpec:
                 f"{name} normalises sublayer outputs before adding them ({flag}); its edges would not "
                 "sum to the residual stream. Sandwich/post-norm blocks are not supported."
             )
+    if backend == "hooked":
+        _check_hooked(model, name)
     n_heads = int(cfg.n_heads)
     n_kv = getattr(cfg, "n_key_value_heads", None) or n_heads
     n_ctx = int(getattr(cfg, "n_ctx", 0) or 0)
@@ -342,10 +344,9 @@ def final_norm_params(model: Any, spec: ModelSpec) -> tuple[Tensor | None, Tenso
         inner = getattr(ln, "original_component", ln)
         w = getattr(inner, "weight", None)
         b = getattr(inner, "bias", None)
+        centre = spec.normalization.upper().startswith("LN")
     else:
-        w = getattr(ln, "w", None)
-        b = getattr(ln, "b", None)
-    centre = spec.normalization.upper().startswith("LN")
+        w, b, centre = _hooked_final_norm(ln, spec)
     return w, b, centre
 
 
@@ -432,7 +433,7 @@ def clean_run(model: Any, spec: ModelSpec, tokens: Int[Tensor, "pos"]) -> CleanR
         mlp_out=stack("mlp_out"),
         resid_post=stack("resid_post"),
         pattern=stack("pattern"),
-        v=stack("v"),
+        v=_per_kv_head(stack("v"), spec),
         z=stack("z"),
         W_O=torch.stack([x.detach().float() for x in W_O]),
         b_O=torch.stack([x.detach().float() for x in b_O]),
@@ -454,3 +455,64 @@ def _final_out(model: Any, spec: ModelSpec, x_last: Tensor, scale: Tensor) -> Te
         out = fn(x_last[None, None].to(model_dtype(model)))
     return out.reshape(-1).float()
 
+
+# ---------------------------------------------------------------------------------------------
+# Adapters for the legacy HookedTransformer backend (TransformerLens <= 3.9)
+#
+# Everything above is one code path over the hook names both backends share (:data:`HOOKS`).
+# HookedTransformer differs from the bridge in only these places, each handled here:
+#
+# * where the unembedding reads (``ln_final.hook_normalized``, not ``unembed.hook_in``): the
+#   ``_UNEMBED_IN`` table above;
+# * its final norm's parameters are ``ln_final.w`` / ``ln_final.b`` and its kind is its class
+#   (``final_rms=True`` gives an RMSNorm under ``normalization_type="LN"``); with processed weights
+#   (``fold_ln``) it is ``LayerNormPre`` / ``RMSNormPre`` with no parameters at all, the weight
+#   having been folded into ``W_U``: the linearised final norm is then ``centre(u)/scale`` (LN) or
+#   ``u/scale`` (RMS) and the output node is that, exactly (:func:`_hooked_final_norm`);
+# * ``W_O`` is already ``[head, d_head, d_model]`` and ``b_O`` always exists (it carries the
+#   value biases after ``fold_value_biases``): :func:`attention_output` reads both as they are;
+# * under grouped-query attention ``hook_v`` has one head per key/value head, except with
+#   ``cfg.ungroup_grouped_query_attention`` where TransformerLens repeats each key/value head for
+#   its query heads first (:func:`_per_kv_head` undoes that);
+# * a model built with ``normalization_type=None`` has no ``ln_final`` (:func:`_check_hooked`).
+# ---------------------------------------------------------------------------------------------
+#: HookedTransformer final-norm classes and whether they subtract the mean.
+_HOOKED_NORM_CENTRES: dict[str, bool] = {
+    "LayerNorm": True, "LayerNormPre": True, "RMSNorm": False, "RMSNormPre": False,
+}
+
+
+def _check_hooked(model: Any, name: str) -> None:
+    """Refuse a HookedTransformer whose final norm tl_strace cannot linearise."""
+    ln = getattr(model, "ln_final", None)
+    kind = type(ln).__name__
+    if kind not in _HOOKED_NORM_CENTRES:
+        raise UnsupportedModelError(
+            f"{name}: its final norm is {'missing' if ln is None else kind} "
+            f"(normalization_type={getattr(model.cfg, 'normalization_type', None)!r}); tl_strace needs one of "
+            f"{', '.join(_HOOKED_NORM_CENTRES)} as ln_final to define the output node."
+        )
+
+
+def _hooked_final_norm(ln: Any, spec: ModelSpec) -> tuple[Tensor | None, Tensor | None, bool]:
+    """``(w, b, centre)`` of a HookedTransformer's ``ln_final``; ``w``/``b`` are None once folded."""
+    centre = _HOOKED_NORM_CENTRES.get(type(ln).__name__, spec.normalization.upper().startswith("LN"))
+    return getattr(ln, "w", None), getattr(ln, "b", None), centre
+
+
+def _per_kv_head(v: Float[Tensor, "layer pos v_head d_head"], spec: ModelSpec) -> Float[Tensor, "layer pos kv_head d_head"]:
+    """Values with one head per key/value head, as the graph indexes them (query head h reads kv(h)).
+
+    A HookedTransformer with ``ungroup_grouped_query_attention`` hooks ``v`` after repeating each
+    key/value head ``n_heads // n_kv_heads`` times (``repeat_interleave``); the copies are equal,
+    so the first of each group is the key/value head.
+    """
+    n = v.shape[2]
+    if n == spec.n_kv_heads:
+        return v
+    if n == spec.n_heads:
+        return v[:, :, :: spec.n_heads // spec.n_kv_heads]
+    raise UnsupportedModelError(
+        f"{spec.name}: attn.hook_v has {n} heads, but the model has {spec.n_heads} query heads and "
+        f"{spec.n_kv_heads} key/value heads; tl_strace cannot tell which head each value belongs to."
+    )

@@ -200,7 +200,9 @@ def load_model(
         name_or_path: Bundled name, local directory or hub name.
         backend: ``"bridge"`` returns a ``transformer_lens.model_bridge.TransformerBridge`` (raw
             HuggingFace weights and numerics). ``"hooked"`` returns a legacy
-            ``transformer_lens.HookedTransformer`` and needs ``transformer-lens<=3.9``.
+            ``transformer_lens.HookedTransformer`` without weight processing (as
+            ``from_pretrained_no_processing``, so it gives the bridge's graph) and needs
+            ``transformer-lens<=3.9``.
         device: Where the model goes; ``None`` lets TransformerLens choose (CUDA when available).
         dtype: Parameter dtype of the returned model.
         cache_dir: Cache root for bundled models; ``None`` means :func:`default_cache_root`.
@@ -380,7 +382,10 @@ def _load_hub_name(
 
     if backend == "hooked":
         try:
-            model = ht_cls.from_pretrained(name, device=device, dtype=dtype)
+            # No weight processing, like the bundled path: processed weights (folded norms, centred
+            # writing weights, folded value biases) compute the same function but give different
+            # edge vectors, so the graph would differ from the bridge's.
+            model = ht_cls.from_pretrained_no_processing(name, device=device, dtype=dtype)
         except OSError as exc:
             raise ModelLoadError(
                 f"Cannot load model {name!r} from the hub: {exc}. {_offline_hint(name)}"
@@ -505,9 +510,8 @@ def _build_hooked_llama(
 ) -> Any:
     """Build a legacy HookedTransformer from a Llama ``save_pretrained`` directory, offline.
 
-    NOT COVERED BY THE TEST SUITE (it runs TransformerLens 4.x, which has no HookedTransformer).
-    Checked by hand once with transformer-lens 3.9.0 + transformers 5.24 on SmolLM2: greedy
-    " Paris", logits within 3e-5 of the bridge backend.
+    Tested by CI's TransformerLens 3.9 run (tests/legacy, tests/real with the ``hooked`` fixture
+    parameter): greedy " Paris", the same clean run, strata and TV values as the bridge backend.
 
     ``HookedTransformer.from_pretrained`` refuses local directories, so the config is built by
     hand (mirroring TL's own ``LlamaForCausalLM`` branch of ``convert_hf_model_config``) and the
