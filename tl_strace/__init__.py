@@ -9,6 +9,7 @@ s-Trace (Kervadec et al., 2026) and the computation-density estimator on Transfo
 """
 
 from tl_strace._version import __version__
+from tl_strace.components import component_strace, project_trace
 from tl_strace.errors import (
     DecompositionError,
     InputError,
@@ -18,7 +19,8 @@ from tl_strace.errors import (
     UnsupportedModelError,
 )
 from tl_strace.io.models import load_model
-from tl_strace.pipeline import strace
+from tl_strace.mean import MeanCache, compute_means
+from tl_strace.pipeline import check_model, strace
 from tl_strace.results import StraceResult, Subgraph
 from tl_strace.search import DEFAULT_SIZES
 
@@ -26,6 +28,7 @@ __all__ = [
     "DEFAULT_SIZES",
     "DecompositionError",
     "InputError",
+    "MeanCache",
     "ModelLoadError",
     "ResultsError",
     "StraceError",
@@ -33,6 +36,10 @@ __all__ = [
     "Subgraph",
     "UnsupportedModelError",
     "__version__",
+    "check_model",
+    "component_strace",
+    "compute_means",
     "load_model",
+    "project_trace",
     "strace",
 ]

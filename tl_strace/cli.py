@@ -147,7 +147,8 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS["run"] = ("trace every passage of a data set, resumably (torchrun for several processes)", _add_run, _run_run)
+COMMANDS["run"] = ("trace every passage of a data set, resumably (torchrun for several processes)",
+                   _add_run, _run_run)
 COMMANDS["report"] = ("write an HTML/Markdown report of corpus runs", _add_report, _run_report)
 
 

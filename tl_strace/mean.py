@@ -1,0 +1,352 @@
+"""Mean-ablation values from a reference corpus, computed once, saved and reused.
+
+Zero ablation removes a component's contribution; *mean ablation* (METHOD.md §4, an extension)
+replaces it by its average over a reference corpus the user chooses. :func:`compute_means` runs the
+model once over that corpus and records, for every block, the mean of each hook in ``roles``
+(by default the head outputs ``attn.hook_z`` and ``hook_mlp_out``: what component-level ablation
+replaces). Two kinds of mean are kept:
+
+* **position-agnostic** (the default everywhere): the average over every token position of every
+  reference sequence, BOS position included. One vector per head / MLP, so it serves inputs of
+  any length;
+* **per-position**: the average at position ``t`` over the reference sequences that reach ``t``.
+  It can only serve inputs no longer than the longest reference sequence (the *covered*
+  positions); :meth:`MeanCache.values` refuses longer inputs with a message saying so.
+
+A :class:`MeanCache` names the model and the hook shapes it was computed on, and is checked
+against the model before use (a cache from another model is refused, not silently broadcast).
+It is stored as one ``.safetensors`` file with JSON metadata, so loading one never runs code.
+
+>>> means = compute_means(model, ["The cat sat on the mat.", "It rained all day."])  # doctest: +SKIP
+>>> means.save("means.safetensors"); MeanCache.load("means.safetensors")             # doctest: +SKIP
+>>> means.values("z", n_pos=7).shape   # [layer, 1, head, d_head]: position-agnostic # doctest: +SKIP
+torch.Size([30, 1, 9, 64])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from tl_strace.errors import InputError, ResultsError
+from tl_strace.model import (
+    HOOKS,
+    ModelSpec,
+    describe_model,
+    hook_name,
+    model_dtype,
+    model_guard,
+    prepare_tokens,
+    require_ready,
+    run_hooked,
+)
+
+__all__ = ["MEAN_POSITIONS", "MeanCache", "compute_means", "reference_tokens"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+"""Version of the on-disk format written by :meth:`MeanCache.save`."""
+
+MEAN_POSITIONS: tuple[str, ...] = ("agnostic", "per_position")
+"""Which mean :meth:`MeanCache.values` returns: one per component, or one per (component, position)."""
+
+DEFAULT_ROLES: tuple[str, ...] = ("z", "mlp_out")
+"""Hook roles (keys of :data:`tl_strace.model.HOOKS`) whose means component ablation needs."""
+
+_META_KEY = "tl_strace_means"
+
+Reference = str | Tensor | Sequence[str] | Sequence[Tensor] | Sequence[Sequence[int]]
+"""A reference corpus: one text, texts, a ``[n, pos]`` token tensor, or token sequences of any lengths."""
+
+
+def _per_layer_shape(role: str, spec: ModelSpec) -> tuple[int, ...]:
+    """Shape of one position of ``role``'s hook in one block (batch and position axes removed)."""
+    shapes = {
+        "z": (spec.n_heads, spec.d_head),
+        "v": (spec.n_kv_heads, spec.d_head),
+        "mlp_out": (spec.d_model,),
+        "attn_out": (spec.d_model,),
+        "resid_pre": (spec.d_model,),
+        "resid_post": (spec.d_model,),
+    }
+    if role not in shapes:
+        raise InputError(f"Means can be computed for the hook roles {sorted(shapes)}; got {role!r}.")
+    return shapes[role]
+
+
+def _model_identity(spec: ModelSpec) -> dict[str, Any]:
+    return {k: getattr(spec, k) for k in ("name", "n_layers", "n_heads", "n_kv_heads", "d_head", "d_model")}
+
+
+@dataclass(frozen=True)
+class MeanCache:
+    """Means of hook activations over a reference corpus, per block, for one model.
+
+    ``means[role]`` is the position-agnostic mean ``[layer, *shape]``; ``pos_means[role]`` the
+    per-position mean ``[layer, covered_pos, *shape]``, where ``pos_counts[t]`` reference sequences
+    reach position ``t`` (all ≥ 1). ``model`` names the model and its shapes, ``hooks`` the
+    TransformerLens hook name of each role (``{l}`` = block), ``fingerprint`` the SHA-256 of the
+    reference tokens (it decides whether a saved cache can be reused for a corpus).
+    """
+
+    model: dict[str, Any]
+    hooks: dict[str, str]
+    means: dict[str, Tensor]
+    pos_means: dict[str, Tensor]
+    pos_counts: Int[Tensor, "pos"]
+    n_sequences: int
+    n_tokens: int
+    fingerprint: str
+    prepend_bos: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if set(self.means) != set(self.pos_means) or set(self.means) != set(self.hooks):
+            raise ResultsError("A mean cache needs the same roles in means, pos_means and hooks; "
+                               f"got {sorted(self.means)}, {sorted(self.pos_means)}, {sorted(self.hooks)}.")
+        P = int(self.pos_counts.numel())
+        for role, m in self.means.items():
+            pm = self.pos_means[role]
+            if pm.ndim != m.ndim + 1 or pm.shape[0] != m.shape[0] or pm.shape[1] != P or pm.shape[2:] != m.shape[1:]:
+                raise ResultsError(f"Mean cache role {role!r}: per-position means {_fmt(pm)} do not match "
+                                   f"position-agnostic means {_fmt(m)} and {P} covered positions.")
+
+    # ------------------------------------------------------------------ checks and values
+    @property
+    def covered_positions(self) -> int:
+        """How many leading positions have a per-position mean (the longest reference sequence)."""
+        return int(self.pos_counts.numel())
+
+    def check_model(self, spec: ModelSpec, roles: Sequence[str] = DEFAULT_ROLES) -> None:
+        """Refuse (:class:`InputError`) a cache computed on another model, or lacking ``roles``,
+        or whose hook names or shapes differ from what ``spec`` expects."""
+        mine = _model_identity(spec)
+        theirs = {k: self.model.get(k) for k in mine}
+        if theirs != mine:
+            diff = ", ".join(f"{k}: cache {theirs[k]!r} vs model {mine[k]!r}" for k in mine if theirs[k] != mine[k])
+            raise InputError(
+                f"This mean cache was computed on another model ({diff}). Means only make sense for the model "
+                "they were computed on: recompute them with tl_strace.compute_means(model, reference)."
+            )
+        for role in roles:
+            if role not in self.means:
+                raise InputError(f"This mean cache has no means for {role!r} (it has {sorted(self.means)}); "
+                                 f"recompute it with compute_means(model, reference, roles={tuple(roles)!r}).")
+            want_hook, got_hook = HOOKS[role], self.hooks[role]
+            want_shape = (spec.n_layers, *_per_layer_shape(role, spec))
+            if got_hook != want_hook or tuple(self.means[role].shape) != want_shape:
+                raise InputError(
+                    f"Mean cache role {role!r} was recorded at {got_hook!r} with shape {_fmt(self.means[role])}; "
+                    f"this model needs {want_hook!r} with shape [{','.join(map(str, want_shape))}]. "
+                    "Recompute it with tl_strace.compute_means(model, reference)."
+                )
+
+    def values(self, role: str, n_pos: int, positions: str = "agnostic") -> Float[Tensor, "layer p *shape"]:
+        """Means of ``role`` for an input of ``n_pos`` tokens: ``[layer, 1, *shape]`` position-agnostic,
+        or ``[layer, n_pos, *shape]`` per position (refused beyond the covered positions)."""
+        if positions not in MEAN_POSITIONS:
+            raise InputError(f"Unknown mean positions {positions!r}; choose one of {list(MEAN_POSITIONS)}.")
+        if role not in self.means:
+            raise InputError(f"This mean cache has no means for {role!r}; it has {sorted(self.means)}.")
+        if positions == "agnostic":
+            return self.means[role][:, None]
+        if n_pos > self.covered_positions:
+            raise InputError(
+                f"Per-position means cover positions 0..{self.covered_positions - 1} (the longest reference "
+                f"sequence), but the input has {n_pos} tokens. Use mean_positions='agnostic' (one mean per "
+                "component, any length), or compute the means on a reference corpus with sequences at least "
+                f"{n_pos} tokens long."
+            )
+        return self.pos_means[role][:, :n_pos]
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-JSON provenance, stored in results that used this cache."""
+        return {"model": self.model.get("name"), "n_sequences": self.n_sequences, "n_tokens": self.n_tokens,
+                "covered_positions": self.covered_positions, "fingerprint": self.fingerprint,
+                "roles": sorted(self.means)}
+
+    # ------------------------------------------------------------------ storage
+    def save(self, path: str | os.PathLike) -> None:
+        """Write to one ``.safetensors`` file (tensors) with JSON metadata (model, hooks, corpus).
+
+        Written to a temporary file and renamed, so a crash never leaves half a cache behind.
+        """
+        tensors = {f"mean.{r}": t.contiguous().cpu() for r, t in self.means.items()}
+        tensors |= {f"pos_mean.{r}": t.contiguous().cpu() for r, t in self.pos_means.items()}
+        tensors["pos_counts"] = self.pos_counts.contiguous().cpu()
+        meta = {"format_version": FORMAT_VERSION, "model": self.model, "hooks": self.hooks,
+                "n_sequences": self.n_sequences, "n_tokens": self.n_tokens, "fingerprint": self.fingerprint,
+                "prepend_bos": self.prepend_bos, "extra": self.extra}
+        path = os.fspath(path)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        save_file(tensors, tmp, metadata={_META_KEY: json.dumps(meta)})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "MeanCache":
+        """Read a cache written by :meth:`save` (no code is executed: safetensors + JSON)."""
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise ResultsError(f"No mean cache at {path!r}; create one with tl_strace.compute_means(model, reference, path=...).")
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = json.loads((f.metadata() or {})[_META_KEY])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # corrupt file, another format (e.g. a StraceResult)
+            raise ResultsError(f"{path!r} is not a tl_strace mean cache ({type(e).__name__}: {e}).") from e
+        if meta.pop("format_version", None) != FORMAT_VERSION:
+            raise ResultsError(f"{path!r} was written by an incompatible tl_strace version; recompute it.")
+        roles = sorted(meta["hooks"])
+        try:
+            return cls(model=meta["model"], hooks=meta["hooks"],
+                       means={r: tensors[f"mean.{r}"] for r in roles},
+                       pos_means={r: tensors[f"pos_mean.{r}"] for r in roles},
+                       pos_counts=tensors["pos_counts"].long(), n_sequences=int(meta["n_sequences"]),
+                       n_tokens=int(meta["n_tokens"]), fingerprint=str(meta["fingerprint"]),
+                       prepend_bos=meta.get("prepend_bos"), extra=meta.get("extra") or {})
+        except KeyError as e:
+            raise ResultsError(f"{path!r} is an incomplete mean cache (missing {e}).") from e
+
+
+def _fmt(t: Tensor) -> str:
+    kind = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16",
+            torch.int64: "i64", torch.int32: "i32", torch.bool: "bool"}.get(t.dtype, str(t.dtype))
+    return f"{kind}[{','.join(map(str, t.shape))}]"
+
+
+# ---------------------------------------------------------------------------------------------
+# Computing means
+# ---------------------------------------------------------------------------------------------
+def reference_tokens(model: Any, spec: ModelSpec, reference: Reference, *,
+                     prepend_bos: bool | None = None) -> list[Int[Tensor, "pos"]]:
+    """The reference corpus as checked 1-D token tensors (texts tokenized one by one).
+
+    Raises :class:`InputError` for an empty corpus, an empty text or sequence, or tokens outside the
+    vocabulary / longer than the model's context.
+    """
+    if isinstance(reference, str):
+        items: list[Any] = [reference]
+    elif isinstance(reference, Tensor):
+        if reference.ndim == 1:
+            items = [reference]
+        elif reference.ndim == 2:
+            items = list(reference)
+        else:
+            raise InputError(f"A reference token tensor must be [pos] or [n, pos]; got shape {tuple(reference.shape)}.")
+    else:
+        items = list(reference)
+    if not items:
+        raise InputError(
+            "The reference corpus is empty: mean ablation needs at least one text or token sequence to average "
+            "over. Pass e.g. compute_means(model, ['Some representative text.', ...])."
+        )
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(prepare_tokens(model, spec, item, prepend_bos=prepend_bos))
+        except InputError as e:
+            raise InputError(f"Reference item {i}: {e}") from e
+    return out
+
+
+def _fingerprint(seqs: Sequence[Tensor], roles: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(roles)).encode())
+    for s in seqs:
+        h.update(str(int(s.numel())).encode() + b":")
+        h.update(s.detach().cpu().to(torch.int64).numpy().tobytes())
+    return h.hexdigest()
+
+
+class _SumHook:
+    """Adds the batch sum of a hook's activations into ``sums[layer, :T]`` (a module-level callable,
+    not a closure, so it is defined once)."""
+
+    def __init__(self, sums: Tensor, layer: int, n_pos: int) -> None:
+        self.sums, self.layer, self.n_pos = sums, layer, n_pos
+
+    def __call__(self, x: Tensor, hook: Any) -> None:
+        self.sums[self.layer, : self.n_pos] += x.detach().to(torch.float64).sum(0)
+
+
+def compute_means(model: Any, reference: Reference, *, roles: Sequence[str] = DEFAULT_ROLES,
+                  path: str | os.PathLike | None = None, prepend_bos: bool | None = None,
+                  batch_size: int = 16) -> MeanCache:
+    """Mean activations of ``roles`` over a reference corpus, for mean ablation.
+
+    Args:
+        model: the TransformerLens model the means are for (eval mode, no hooks attached).
+        reference: texts (each tokenized with the model's ``to_tokens``), a ``[n, pos]`` token
+            tensor, or token sequences of any lengths. Sequences of equal length are batched.
+        roles: hook roles (keys of :data:`tl_strace.model.HOOKS`); default ``("z", "mlp_out")``.
+        path: a ``.safetensors`` cache file. If it holds means of this model over exactly this
+            corpus (same tokens, same roles), they are loaded instead of recomputed; otherwise they
+            are computed and written there.
+        prepend_bos: passed to ``model.to_tokens`` for texts.
+        batch_size: sequences per forward pass.
+
+    >>> means = compute_means(model, passages, path="smollm2_means.safetensors")  # doctest: +SKIP
+    >>> means.covered_positions, means.n_tokens                                   # doctest: +SKIP
+    """
+    spec = describe_model(model)
+    roles = tuple(dict.fromkeys(roles))
+    if not roles:
+        raise InputError("roles must name at least one hook role, e.g. ('z', 'mlp_out').")
+    shapes = {r: _per_layer_shape(r, spec) for r in roles}
+    require_ready(model)
+    seqs = reference_tokens(model, spec, reference, prepend_bos=prepend_bos)
+    fp = _fingerprint(seqs, roles)
+    if path is not None and os.path.exists(path):
+        try:
+            cached = MeanCache.load(path)
+            cached.check_model(spec, roles)
+            if cached.fingerprint == fp:
+                return cached
+            logger.warning("Mean cache %s was computed on another reference corpus; recomputing.", path)
+        except (ResultsError, InputError) as e:
+            logger.warning("Mean cache %s cannot be reused (%s); recomputing.", path, e)
+
+    L = spec.n_layers
+    P = max(int(s.numel()) for s in seqs)
+    device = seqs[0].device
+    sums = {r: torch.zeros(L, P, *shapes[r], dtype=torch.float64, device=device) for r in roles}
+    counts = torch.zeros(P, dtype=torch.long, device=device)
+    by_len: dict[int, list[Tensor]] = {}
+    for s in seqs:
+        by_len.setdefault(int(s.numel()), []).append(s)
+
+    bs = max(1, int(batch_size))
+    with model_guard(model):
+        for T, group in sorted(by_len.items()):
+            hooks = [(hook_name(r, l), _SumHook(sums[r], l, T)) for r in roles for l in range(L)]
+            for i in range(0, len(group), bs):
+                batch = torch.stack(group[i:i + bs])
+                run_hooked(model, batch, hooks, backend=spec.backend)
+                counts[:T] += batch.shape[0]
+    n_tokens = int(counts.sum())
+    dtype = torch.float32 if model_dtype(model) != torch.float64 else torch.float64
+    cnt = counts.to(torch.float64)
+    means = {}
+    pos_means = {}
+    for r in roles:
+        view = (1, P) + (1,) * len(shapes[r])
+        pos_means[r] = (sums[r] / cnt.reshape(view)).to(dtype).cpu()
+        means[r] = (sums[r].sum(1) / n_tokens).to(dtype).cpu()
+    cache = MeanCache(model=_model_identity(spec), hooks={r: HOOKS[r] for r in roles}, means=means,
+                      pos_means=pos_means, pos_counts=counts.cpu(), n_sequences=len(seqs), n_tokens=n_tokens,
+                      fingerprint=fp, prepend_bos=prepend_bos)
+    if path is not None:
+        cache.save(path)
+    return cache
