@@ -217,7 +217,6 @@ def strace(
         else:
             reach.append(_reaches_input(rnd if c == "random" else strata, layout))
     top_ids = cat("ids")
-    decode = str_tokens
     full_ids, full_probs = top_tokens(full[None], top_k)
     if tgt is not None:
         fce, frk = target_stats(full[None], tgt)
@@ -249,10 +248,10 @@ def strace(
         reaches_input_all=torch.stack(reach),
         top_ids=top_ids,
         top_probs=cat("probs"),
-        top_strs=[[decode(model, top_ids[c, k]) for k in range(K)] for c in range(C)],
+        top_strs=[[str_tokens(model, top_ids[c, k]) for k in range(K)] for c in range(C)],
         full_top_ids=full_ids[0].cpu(),
         full_top_probs=full_probs[0].cpu(),
-        full_top_strs=decode(model, full_ids[0].cpu()),
+        full_top_strs=str_tokens(model, full_ids[0].cpu()),
         full_entropy=float(entropy(full[None])[0]),
         full_ce=full_ce,
         full_target_rank=full_rank,
