@@ -116,6 +116,7 @@ from tl_strace.model import (
     require_ready,
     run_hooked,
     str_tokens,
+    target_token,
 )
 from tl_strace.results import StraceResult
 from tl_strace.search import NOT_IN_ANY, check_sizes
@@ -567,22 +568,6 @@ def _check_conditions(conditions: Sequence[str]) -> tuple[str, ...]:
     return conds if "only" in conds else ("only", *conds)
 
 
-def _target_id(model: Any, target: int | str | None, d_vocab: int) -> int | None:
-    if target is None:
-        return None
-    if isinstance(target, str):
-        if getattr(model, "tokenizer", None) is None:
-            raise InputError("The model has no tokenizer; give the target as a token id.")
-        ids = model.to_tokens(target, prepend_bos=False)[0]
-        if ids.numel() == 0:
-            raise InputError(f"The target {target!r} tokenizes to nothing.")
-        return int(ids[0])
-    t = int(target)
-    if not 0 <= t < d_vocab:
-        raise InputError(f"Target token id {t} is outside the vocabulary [0, {d_vocab}).")
-    return t
-
-
 def component_strace(
     model: Any,
     input: str | Tensor | Sequence[int],
@@ -647,7 +632,7 @@ def component_strace(
     require_ready(model)
     tokens = prepare_tokens(model, spec, input, prepend_bos=prepend_bos)
     T = int(tokens.numel())
-    tgt = _target_id(model, target, spec.d_vocab)
+    tgt = target_token(model, spec, target)
     abl = Ablation.build(spec, T, ablation, means, mean_positions)
     space = ComponentSpace(spec.n_layers, spec.n_heads, T, per_position)
     C = space.size

@@ -292,6 +292,24 @@ def prepare_tokens(model: Any, spec: ModelSpec, inp: str | Tensor | Sequence[int
     return tokens.to(device=device, dtype=torch.long)
 
 
+def target_token(model: Any, spec: ModelSpec, target: int | str | None) -> int | None:
+    """The true next token as an id: given as an id, or as text whose first token is used
+    (tokenized without BOS, so ``" Paris"`` keeps its leading space)."""
+    if target is None:
+        return None
+    if isinstance(target, str):
+        if getattr(model, "tokenizer", None) is None:
+            raise InputError("The model has no tokenizer; give the target as a token id.")
+        ids = model.to_tokens(target, prepend_bos=False)[0]
+        if ids.numel() == 0:
+            raise InputError(f"The target {target!r} tokenizes to nothing.")
+        return int(ids[0])
+    t = int(target)
+    if not 0 <= t < spec.d_vocab:
+        raise InputError(f"Target token id {t} is outside the vocabulary [0, {spec.d_vocab}).")
+    return t
+
+
 def _model_device(model: Any) -> torch.device:
     for p in model.parameters():
         return p.device

@@ -18,7 +18,16 @@ from tl_strace.ablation import MaskRow, masked_logprobs, rows_per_chunk, verify_
 from tl_strace.errors import InputError
 from tl_strace.graph import EdgeLayout, Graph, check_decomposition, node_vectors
 from tl_strace.metrics import entropy, kl_divergence, shared_nucleus, target_stats, top_tokens, total_variation
-from tl_strace.model import clean_run, describe_model, model_dtype, model_guard, prepare_tokens, require_ready, str_tokens
+from tl_strace.model import (
+    clean_run,
+    describe_model,
+    model_dtype,
+    model_guard,
+    prepare_tokens,
+    require_ready,
+    str_tokens,
+    target_token,
+)
 from tl_strace.results import StraceResult
 from tl_strace.search import STRATIFICATIONS, Strata, check_sizes, random_strata
 from tl_strace.weights import WEIGHTS, compute_weights
@@ -51,22 +60,6 @@ def _check_options(method: str, weights: str, conditions: Sequence[str], sizes: 
     if top_k < 1:
         raise InputError(f"top_k must be at least 1; got {top_k}.")
     return conds
-
-
-def _target_id(model: Any, target: int | str | None, d_vocab: int) -> int | None:
-    if target is None:
-        return None
-    if isinstance(target, str):
-        if getattr(model, "tokenizer", None) is None:
-            raise InputError("The model has no tokenizer; give the target as a token id.")
-        ids = model.to_tokens(target, prepend_bos=False)[0]
-        if ids.numel() == 0:
-            raise InputError(f"The target {target!r} tokenizes to nothing.")
-        return int(ids[0])
-    t = int(target)
-    if not 0 <= t < d_vocab:
-        raise InputError(f"Target token id {t} is outside the vocabulary [0, {d_vocab}).")
-    return t
 
 
 def _reaches_input(strata: Strata, layout: EdgeLayout) -> Tensor:
@@ -160,7 +153,7 @@ def strace(
     conds = _check_options(method, weights, conditions, sizes, taus, top_k)
     require_ready(model)
     tokens = prepare_tokens(model, spec, input, prepend_bos=prepend_bos)
-    tgt = _target_id(model, target, spec.d_vocab)
+    tgt = target_token(model, spec, target)
     layout = EdgeLayout(spec.n_layers, spec.n_heads, int(tokens.numel()))
     timings: dict[str, float] = {}
 
