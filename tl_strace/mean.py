@@ -35,8 +35,6 @@ from typing import Any
 
 import torch
 from jaxtyping import Float, Int
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from tl_strace.errors import InputError, ResultsError
@@ -51,6 +49,7 @@ from tl_strace.model import (
     require_ready,
     run_hooked,
 )
+from tl_strace.store import read_tensors, write_tensors
 
 __all__ = ["MEAN_POSITIONS", "MeanCache", "compute_means", "reference_tokens"]
 
@@ -189,23 +188,15 @@ class MeanCache:
         meta = {"format_version": FORMAT_VERSION, "model": self.model, "hooks": self.hooks,
                 "n_sequences": self.n_sequences, "n_tokens": self.n_tokens, "fingerprint": self.fingerprint,
                 "prepend_bos": self.prepend_bos, "extra": self.extra}
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        save_file(tensors, tmp, metadata={_META_KEY: json.dumps(meta)})
-        os.replace(tmp, path)
+        write_tensors(path, tensors, _META_KEY, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "MeanCache":
         """Read a cache written by :meth:`save` (no code is executed: safetensors + JSON)."""
         path = os.fspath(path)
-        if not os.path.exists(path):
-            raise ResultsError(f"No mean cache at {path!r}; create one with tl_strace.compute_means(model, reference, path=...).")
-        try:
-            with safe_open(path, framework="pt") as f:
-                meta = json.loads((f.metadata() or {})[_META_KEY])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # corrupt file, another format (e.g. a StraceResult)
-            raise ResultsError(f"{path!r} is not a tl_strace mean cache ({type(e).__name__}: {e}).") from e
+        meta, tensors = read_tensors(  # another format, e.g. a StraceResult, lacks the key
+            path, _META_KEY, what="tl_strace mean cache",
+            missing=f"No mean cache at {path!r}; create one with tl_strace.compute_means(model, reference, path=...).")
         if meta.pop("format_version", None) != FORMAT_VERSION:
             raise ResultsError(f"{path!r} was written by an incompatible tl_strace version; recompute it.")
         roles = sorted(meta["hooks"])

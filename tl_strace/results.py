@@ -7,7 +7,6 @@ file's metadata: loading a result someone sent you never runs code.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -17,8 +16,6 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from tl_strace.density import (
@@ -31,6 +28,7 @@ from tl_strace.density import (
 from tl_strace.errors import InputError, ResultsError
 from tl_strace.graph import EDGE_TYPE_NAMES, EdgeLayout
 from tl_strace.search import target_counts
+from tl_strace.store import read_tensors, write_tensors
 
 __all__ = ["FORMAT_VERSION", "StraceResult", "Subgraph"]
 
@@ -311,23 +309,14 @@ class StraceResult:
         meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._TENSORS}
         meta["conditions"] = list(self.conditions)
         meta["format_version"] = FORMAT_VERSION
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        save_file(tensors, tmp, metadata={"tl_strace": json.dumps(meta, allow_nan=True)})
-        os.replace(tmp, path)
+        write_tensors(path, tensors, "tl_strace", meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "StraceResult":
         """Read a result written by :meth:`save` (no code is executed: safetensors + JSON)."""
         path = os.fspath(path)
-        if not os.path.exists(path):
-            raise ResultsError(f"No result file at {path!r}.")
-        try:
-            with safe_open(path, framework="pt") as f:
-                meta = json.loads((f.metadata() or {})["tl_strace"])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # corrupt file, wrong format
-            raise ResultsError(f"{path!r} is not a tl_strace result file ({type(e).__name__}: {e}).") from e
+        meta, tensors = read_tensors(path, "tl_strace", what="tl_strace result file",
+                                     missing=f"No result file at {path!r}.")
         if meta.pop("format_version", None) != FORMAT_VERSION:
             raise ResultsError(f"{path!r} was written by an incompatible tl_strace version.")
         tensors["labels"] = tensors["labels"].long()
