@@ -2,7 +2,8 @@
 
     python benchmarks/bench_strace.py [--model smollm2-135m] [--repeat 5] [--device cpu|cuda] [--dtype float32]
 
-Prints each ratio with its parts and writes benchmarks/results/strace-<device>.json.
+Prints each ratio with its parts and writes benchmarks/results/strace-<device>.json. Memory is
+measured by bench_memory.py.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
-from _util import PASSAGE_40, interleaved, peak_memory, timeit, write  # noqa: E402
+from _util import PASSAGE_40, interleaved, timeit, write  # noqa: E402
 
 import tl_strace as ts  # noqa: E402
-from tl_strace.ablation import MaskRow, bytes_per_row, masked_logprobs, rows_per_chunk  # noqa: E402
+from tl_strace.ablation import MaskRow, masked_logprobs  # noqa: E402
 from tl_strace.graph import EdgeLayout, check_decomposition, node_vectors  # noqa: E402
 from tl_strace.model import clean_run, describe_model, model_guard, prepare_tokens, run_hooked  # noqa: E402
 from tl_strace.search import strace_strata  # noqa: E402
@@ -105,16 +106,6 @@ def main() -> None:
                "graph+weights+search share of a whole call": 0.10,
                "whole call / dense floor (cached forward + plain batched forward of the strata)": 1.15}
 
-    # --- memory: one call, and the budget option
-    mem = {}
-    fixed = None
-    for budget in (32 << 20, 128 << 20, 512 << 20, 2 << 30):
-        chunk = rows_per_chunk(spec, T, dtype, memory_budget=budget, batch_size=None)
-        _, peak = peak_memory(lambda b=budget: ts.strace(model, tokens, conditions=["only"], memory_budget=b))
-        mem[str(budget)] = {"rows_per_chunk": min(chunk, K), "peak_extra_bytes": peak,
-                            "estimate_rows_bytes": min(chunk, K) * bytes_per_row(spec, T, dtype)}
-        fixed = fixed if fixed is not None else peak - mem[str(budget)]["estimate_rows_bytes"]
-
     print(f"model {spec.name} on {args.device} ({args.dtype}), {T} tokens, {res.n_edges:,} edges, {K} strata")
     for k, v in t.items():
         print(f"  {k:>20}: {v * 1000:9.1f} ms")
@@ -122,12 +113,9 @@ def main() -> None:
         tgt = targets.get(k)
         mark = "" if tgt is None else ("  (target ≤ %g: %s)" % (tgt, "met" if v <= tgt else "MISSED"))
         print(f"  {k}: {v:.3f}{mark}")
-    for b, m in mem.items():
-        print(f"  memory budget {int(b) >> 20:>5} MiB: {m['rows_per_chunk']:>2} rows/chunk, "
-              f"peak +{m['peak_extra_bytes'] / 2**20:7.1f} MiB (row estimate {m['estimate_rows_bytes'] / 2**20:6.1f} MiB)")
     path = write("strace", {"model": spec.name, "device": args.device, "dtype": args.dtype, "n_tokens": T,
                             "n_edges": res.n_edges, "n_strata": K, "times_s": t, "ratios": ratios,
-                            "targets": targets, "memory": mem, "timings_inside_call": res.timings})
+                            "targets": targets, "timings_inside_call": res.timings})
     print(f"wrote {path}")
 
 

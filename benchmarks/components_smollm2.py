@@ -175,6 +175,15 @@ def _fmt(x: float) -> str:
     return "—" if x is None or not np.isfinite(x) else f"{x:.3f}"
 
 
+def _groups(comp: list[dict], scorers: tuple[str, ...] = ("l1", "attribution", "greedy")):
+    """(ablation, scorer, runs) for every pair that has runs, in table order."""
+    for abl in ("zero", "mean"):
+        for sc in scorers:
+            rs = [r for r in comp if r["scorer"] == sc and r["ablation"] == abl]
+            if rs:
+                yield abl, sc, rs
+
+
 def summarize(out: Path, t_means: float | None = None) -> None:
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines() if x.strip()]
     comp = [r for r in rows if r["kind"] == "component"]
@@ -192,21 +201,17 @@ def summarize(out: Path, t_means: float | None = None) -> None:
     md.append("| ablation | scorer | passages | TV(k=0) | " + " | ".join(f"k={k}" for k in ks)
               + " | density (AUC log s) | median k: top token recovered | median k: TV ≤ 0.5 |")
     md.append("|---|---|---|---|" + "---|" * len(ks) + "---|---|---|")
-    for abl in ("zero", "mean"):
-        for sc in ("l1", "attribution", "greedy"):
-            rs = [r for r in comp if r["scorer"] == sc and r["ablation"] == abl]
-            if not rs:
-                continue
-            cells = []
-            for k in ks:
-                vals = [r["tv"][r["counts"].index(k)] for r in rs if k in r["counts"]]
-                cells.append(_fmt(float(np.mean(vals))) if vals else "—")
-            dens = _fmt(float(np.mean([r["density"] for r in rs]))) if sc != "greedy" else "— (partial)"
-            k_top = [next((k for k, n in zip(r["counts"], r["nucleus"]) if n >= 1), np.nan) for r in rs]
-            k_tv = [next((k for k, t in zip(r["counts"], r["tv"]) if t <= 0.5), np.nan) for r in rs]
-            med = lambda v: "—" if sc == "greedy" else f"{np.median(v):.0f}"  # noqa: E731
-            md.append(f"| {abl} | {sc} | {len(rs)} | {_fmt(float(np.mean([r['tv_empty'] for r in rs])))} | "
-                      + " | ".join(cells) + f" | {dens} | {med(k_top)} | {med(k_tv)} |")
+    for abl, sc, rs in _groups(comp):
+        cells = []
+        for k in ks:
+            vals = [r["tv"][r["counts"].index(k)] for r in rs if k in r["counts"]]
+            cells.append(_fmt(float(np.mean(vals))) if vals else "—")
+        dens = _fmt(float(np.mean([r["density"] for r in rs]))) if sc != "greedy" else "— (partial)"
+        k_top = [next((k for k, n in zip(r["counts"], r["nucleus"]) if n >= 1), np.nan) for r in rs]
+        k_tv = [next((k for k, t in zip(r["counts"], r["tv"]) if t <= 0.5), np.nan) for r in rs]
+        med = lambda v: "—" if sc == "greedy" else f"{np.median(v):.0f}"  # noqa: E731
+        md.append(f"| {abl} | {sc} | {len(rs)} | {_fmt(float(np.mean([r['tv_empty'] for r in rs])))} | "
+                  + " | ".join(cells) + f" | {dens} | {med(k_top)} | {med(k_tv)} |")
     md.append("")
     # Greedy vs cheap scorers on the same passages
     md.append("## Cheap scorers vs the greedy reference (same passages, k ≤ greedy steps)")
@@ -231,13 +236,10 @@ def summarize(out: Path, t_means: float | None = None) -> None:
     md.append("")
     md.append("| ablation | scorer | strata evaluated | search (mean) | evaluate strata (mean) | total (mean) |")
     md.append("|---|---|---|---|---|---|")
-    for abl in ("zero", "mean"):
-        for sc in ("l1", "attribution", "greedy"):
-            rs = [r for r in comp if r["scorer"] == sc and r["ablation"] == abl]
-            if rs:
-                t = {k: np.mean([r["timings"][k] for r in rs]) for k in ("search", "evaluate", "total")}
-                md.append(f"| {abl} | {sc} | {len(rs[0]['counts'])} | {t['search']:.1f} | {t['evaluate']:.1f} | "
-                          f"{t['total']:.1f} |")
+    for abl, sc, rs in _groups(comp):
+        t = {k: np.mean([r["timings"][k] for r in rs]) for k in ("search", "evaluate", "total")}
+        md.append(f"| {abl} | {sc} | {len(rs[0]['counts'])} | {t['search']:.1f} | {t['evaluate']:.1f} | "
+                  f"{t['total']:.1f} |")
     md.append("")
     # Sparse core
     for n in SPARSE_CORE:
@@ -245,13 +247,11 @@ def summarize(out: Path, t_means: float | None = None) -> None:
         md.append("")
         md.append("| ablation | scorer | passages | most frequent (count) |")
         md.append("|---|---|---|---|")
-        for abl in ("zero", "mean"):
-            for sc in ("l1", "attribution", "greedy"):
-                rs = [r for r in comp if r["scorer"] == sc and r["ablation"] == abl]
-                if rs and all(len(r["order"]) >= n for r in rs):
-                    cnt = Counter(c for r in rs for c in r["order"][:n])
-                    top = ", ".join(f"{c} ({v})" for c, v in cnt.most_common(10))
-                    md.append(f"| {abl} | {sc} | {len(rs)} | {top} |")
+        for abl, sc, rs in _groups(comp):
+            if all(len(r["order"]) >= n for r in rs):
+                cnt = Counter(c for r in rs for c in r["order"][:n])
+                top = ", ".join(f"{c} ({v})" for c, v in cnt.most_common(10))
+                md.append(f"| {abl} | {sc} | {len(rs)} | {top} |")
         md.append("")
     tok = [r for r in rows if r["kind"] == "token"]
     if tok:

@@ -110,3 +110,13 @@ def smollm2_hooked():
 @pytest.fixture()
 def tokens() -> torch.Tensor:
     return torch.tensor([0, 5, 17, 3, 42, 8, 9, 23, 61, 4])
+
+
+@pytest.fixture()
+def one_thread():
+    """Run a test with one torch thread, restoring the caller's setting after (used by the corpus
+    tests, which compare in-process runs with runs in subprocesses)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -29,13 +29,27 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_strace.errors import UnsupportedModelError
+from tl_strace.errors import InputError, UnsupportedModelError
 from tl_strace.graph import EdgeLayout
 from tl_strace.model import ModelSpec, hook_name, run_hooked
 
-__all__ = ["MaskRow", "bytes_per_row", "masked_logprobs", "rows_per_chunk", "verify_attention_masking"]
+__all__ = ["CONDITIONS", "MaskRow", "bytes_per_row", "check_conditions", "masked_logprobs", "verify_attention_masking"]
 
 _SENTINEL = torch.iinfo(torch.int16).max
+
+
+CONDITIONS: tuple[str, ...] = ("only", "random", "inverse")
+"""Evaluation conditions: the subgraph alone, a random connected subgraph of the same size grown back
+from the output node, and the subgraph's complement with every residual edge kept."""
+
+
+def check_conditions(conditions: Sequence[str]) -> tuple[str, ...]:
+    """Distinct known condition names, with ``"only"`` first added when missing (it is always run)."""
+    conds = tuple(conditions)
+    unknown = [c for c in conds if c not in CONDITIONS]
+    if unknown or not conds or len(set(conds)) != len(conds):
+        raise InputError(f"Conditions must be distinct names from {list(CONDITIONS)}; got {list(conditions)}.")
+    return conds if "only" in conds else ("only", *conds)
 
 
 @dataclass(frozen=True)
@@ -55,25 +69,18 @@ def compact_labels(labels: Int[Tensor, "edge"]) -> Int[Tensor, "edge"]:
 
 def bytes_per_row(spec: ModelSpec, n_pos: int, dtype: torch.dtype) -> int:
     """Estimated peak bytes one batch row adds to a masked forward (activations of one block at a
-    time under no_grad, the mask built in a hook, and the last-position logits).
+    time under no_grad, the mask built in a hook, the last-position logits and the metrics).
 
-    ``H·T²·(2 + 1 + 3·b) + T·(3·d_mlp + 10·d_model)·b + 3·V·4`` with ``b`` bytes per element: the
+    ``H·T²·(3 + 3·b) + T·(8·d_mlp + 10·d_model)·b + 6·V·4`` with ``b`` bytes per element: the
     attention scores/pattern/masked pattern, the int16 label gather and bool mask, the MLP hidden
-    activations, the streams kept by the hooks, and the logits in float32.
+    activations (8 per unit: the tanh-approximated GELU of GPT-2 makes five temporaries), the
+    streams kept by the hooks, and the float32 logits, log-probabilities and the metrics' sorted
+    copies. :func:`tl_strace.memory.estimate_memory` adds what one call holds besides its rows.
     """
     b = torch.finfo(dtype).bits // 8
     H, T = spec.n_heads, n_pos
     d_mlp = spec.d_mlp
-    return H * T * T * (3 + 3 * b) + T * (3 * d_mlp + 10 * spec.d_model) * b + 3 * spec.d_vocab * 4
-
-
-def rows_per_chunk(spec: ModelSpec, n_pos: int, dtype: torch.dtype, *, memory_budget: int | None,
-                   batch_size: int | None) -> int:
-    """Rows per forward: ``batch_size`` if given, else as many as ``memory_budget`` bytes allow."""
-    if batch_size is not None:
-        return max(1, int(batch_size))
-    budget = 1 << 30 if memory_budget is None else int(memory_budget)
-    return max(1, budget // bytes_per_row(spec, n_pos, dtype))
+    return H * T * T * (3 + 3 * b) + T * (8 * d_mlp + 10 * spec.d_model) * b + 6 * spec.d_vocab * 4
 
 
 def _hooks(spec: ModelSpec, layout: EdgeLayout, tables: tuple[Tensor, Tensor, Tensor, Tensor],

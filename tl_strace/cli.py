@@ -19,6 +19,21 @@ from typing import Any
 __all__ = ["COMMANDS", "main"]
 
 
+
+_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def _bytes(text: str) -> int:
+    """``2GiB`` / ``512MiB`` / ``1.5GB`` / a plain number of bytes → bytes (argparse type)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 2GiB, 512MiB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
 def _fmt_s(s: float) -> str:
     return f"{s:g}"
 
@@ -67,6 +82,8 @@ def _add_trace(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="the true next token (text), for cross-entropy and rank")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
     p.add_argument("--batch-size", type=int, help="masks per forward pass (default: from the memory budget)")
+    p.add_argument("--memory-budget", type=_bytes, metavar="SIZE",
+                   help="the most memory one trace may use, e.g. 2GiB or 512MiB (see tl_strace.memory)")
     p.add_argument("--save", metavar="PATH", help="also save the result (.safetensors, loadable with StraceResult.load)")
     p.add_argument("--json", action="store_true", help="print the result table as JSON instead of text")
     p.add_argument("--html", metavar="PATH", help="also write a standalone HTML report (curves, interactive "
@@ -78,7 +95,8 @@ def _run_trace(args: argparse.Namespace) -> int:
 
     model = ts.load_model(args.model)
     res = ts.strace(model, args.text, sizes=args.sizes, method=args.method, taus=args.taus, weights=args.weights,
-                    conditions=args.conditions, target=args.target, seed=args.seed, batch_size=args.batch_size)
+                    conditions=args.conditions, target=args.target, seed=args.seed, batch_size=args.batch_size,
+                    memory_budget=args.memory_budget)
     if args.save:
         res.save(args.save)
     if args.html:
@@ -116,6 +134,8 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                    help="never ablate attention edges (a comparison run; not a faithful measurement)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, help="masks per forward pass (default: from the memory budget)")
+    p.add_argument("--memory-budget", type=_bytes, metavar="SIZE",
+                   help="the most memory one trace may use, e.g. 2GiB or 512MiB (see tl_strace.memory)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -125,6 +145,7 @@ def _run_run(args: argparse.Namespace) -> int:
     summary = run_corpus(args.model, args.data, args.out, granularity=args.granularity, ablation=args.ablation,
                          conditions=args.conditions, limit=args.limit, sizes=args.sizes, method=args.method,
                          taus=args.taus, weights=args.weights, seed=args.seed, batch_size=args.batch_size,
+                         memory_budget=args.memory_budget,
                          ablate_attention=not args.no_attention_ablation,
                          record_sizes=args.record_sizes or DEFAULT_RECORD_SIZES, progress=not args.quiet)
     if summary.rank == 0:

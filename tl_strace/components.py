@@ -98,11 +98,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_strace._version import __version__
-from tl_strace.ablation import rows_per_chunk
+from tl_strace.ablation import check_conditions
 from tl_strace.errors import InputError, UnsupportedModelError
 from tl_strace.graph import EdgeLayout, check_decomposition, node_vectors
+from tl_strace.memory import rows_for_budget
 from tl_strace.mean import MEAN_POSITIONS, MeanCache
-from tl_strace.metrics import entropy, kl_divergence, shared_nucleus, target_stats, top_tokens, total_variation
+from tl_strace.metrics import ROW_METRICS, entropy, kl_divergence, row_metrics, target_stats, top_tokens, total_variation
 from tl_strace.model import (
     CleanRun,
     ModelSpec,
@@ -137,9 +138,9 @@ __all__ = [
 ABLATIONS: tuple[str, ...] = ("zero", "mean")
 """How a removed component is replaced: by 0 (paper default) or by its mean over a reference corpus."""
 
-CONDITIONS: tuple[str, ...] = ("only", "random", "inverse")
-"""As in :func:`tl_strace.strace`: the kept components alone; a random nested ranking of the same
-sizes (seeded); the model with the kept components ablated (every other one kept)."""
+# Conditions (tl_strace.ablation.CONDITIONS) as in tl_strace.strace: the kept components alone; a
+# random nested ranking of the same sizes (seeded); the model with the kept components ablated
+# (every other one kept).
 
 MAX_DEFAULT_STRATA = 512
 """With ``sizes=None`` every count 1..C is a stratum when C is at most this; otherwise a geometric
@@ -409,11 +410,15 @@ class _Grab:
         self.store[self.key] = x.detach()[0].float()
 
 
+def _check_finite(spec: ModelSpec, logp: Tensor) -> None:
+    if not torch.isfinite(logp).all():
+        raise InputError(f"{spec.name} produced non-finite logits under a component mask; run it in float32.")
+
+
 def _logprobs(model: Any, spec: ModelSpec, tokens: Tensor, space: ComponentSpace, keep: Tensor,
               abl: Ablation, chunk: int) -> Tensor:
     out = torch.cat(list(component_logprobs(model, spec, tokens, space, keep, abl, chunk=chunk)))
-    if not torch.isfinite(out).all():
-        raise InputError(f"{spec.name} produced non-finite logits under a component mask; run it in float32.")
+    _check_finite(spec, out)
     return out
 
 
@@ -560,14 +565,6 @@ def _labels(rank: Tensor, counts: Sequence[int]) -> Tensor:
     return labels
 
 
-def _check_conditions(conditions: Sequence[str]) -> tuple[str, ...]:
-    conds = tuple(conditions)
-    unknown = [c for c in conds if c not in CONDITIONS]
-    if unknown or len(set(conds)) != len(conds):
-        raise InputError(f"Conditions must be distinct names from {list(CONDITIONS)}; got {list(conditions)}.")
-    return conds if "only" in conds else ("only", *conds)
-
-
 def component_strace(
     model: Any,
     input: str | Tensor | Sequence[int],
@@ -611,7 +608,8 @@ def component_strace(
         target: the true next token (id or text) for cross-entropy and rank.
         seed: seed of the random condition.
         top_k: top tokens kept per stratum.
-        batch_size / memory_budget: rows per masked forward, as in :func:`tl_strace.strace`.
+        batch_size / memory_budget: rows per masked forward / the whole call's memory bound, as in
+            :func:`tl_strace.strace` (component calls have no edge space; see :mod:`tl_strace.memory`).
         prepend_bos: passed to ``model.to_tokens`` for text.
 
     Returns:
@@ -621,7 +619,7 @@ def component_strace(
     spec = describe_model(model)
     if scorer not in COMPONENT_SCORERS:
         raise InputError(f"Unknown scorer {scorer!r}; choose one of {sorted(COMPONENT_SCORERS)}.")
-    conds = _check_conditions(conditions)
+    conds = check_conditions(conditions)
     if not 0.0 < float(attribution_point) < 1.0 and scorer == "attribution":
         raise InputError(f"attribution_point must lie strictly between 0 and 1 (KL has no gradient at the full "
                          f"model, m = 1); got {attribution_point}.")
@@ -638,7 +636,9 @@ def component_strace(
     C = space.size
     limit = C if scorer != "greedy" or greedy_steps is None else min(int(greedy_steps), C)
     szs, counts = _strata_counts(sizes, C, limit)
-    chunk = rows_per_chunk(spec, T, model_dtype(model), memory_budget=memory_budget, batch_size=batch_size)
+    # The greedy scorer evaluates up to C candidates per step; the others at most 3 conditions × C.
+    chunk = rows_for_budget(spec, T, model_dtype(model), memory_budget=memory_budget, batch_size=batch_size,
+                            n_rows=3 * C, edge_space=False, backward=scorer == "attribution")
     timings: dict[str, float] = {}
 
     with model_guard(model):
@@ -674,22 +674,25 @@ def component_strace(
             lab = tables["random" if c == "random" else "only"]
             kept = (lab[None, :] <= ks[:, None]).float()  # [K, C]
             rows.append(1.0 - kept if c == "inverse" else kept)
-        logp = _logprobs(model, spec, tokens, space, torch.cat(rows), abl, chunk).cpu()
+        # Metrics chunk by chunk: only per-row numbers are kept, never [rows, vocab].
+        out: dict[str, list[Tensor]] = {n: [] for n in ROW_METRICS}
+        for logp in component_logprobs(model, spec, tokens, space, torch.cat(rows), abl, chunk=chunk):
+            _check_finite(spec, logp)
+            for n, v in row_metrics(full, logp, tgt, top_k).items():
+                out[n].append(v.cpu())
         timings["evaluate"] = time.perf_counter() - t2
 
     full = full.cpu()
     shape = (len(conds), K)
     rs = lambda x: x.reshape(*shape, *x.shape[1:])  # noqa: E731
-    ids, probs = top_tokens(logp, top_k)
-    nan = torch.full(shape, float("nan"))
+    m = {n: rs(torch.cat(v)) for n, v in out.items()}
     if tgt is not None:
-        ce, rk = target_stats(logp, tgt)
         fce, frk = target_stats(full[None], tgt)
         full_ce, full_rank = float(fce[0]), float(frk[0])
     else:
-        ce, rk, full_ce, full_rank = None, None, float("nan"), float("nan")
+        full_ce, full_rank = float("nan"), float("nan")
     full_ids, full_probs = top_tokens(full[None], top_k)
-    top_ids = rs(ids)
+    top_ids = m["ids"]
     timings["total"] = time.perf_counter() - t0
     config = {
         "granularity": "component", "method": "component", "scorer": scorer, "ablation": ablation,
@@ -711,15 +714,15 @@ def component_strace(
         sizes=torch.tensor(szs, dtype=torch.float64),
         counts=torch.tensor(counts, dtype=torch.long),
         params=torch.tensor(szs, dtype=torch.float64),
-        tv_all=rs(total_variation(full, logp)),
-        kl_all=rs(kl_divergence(full, logp)),
-        nucleus_all=rs(shared_nucleus(full, logp)),
-        entropy_all=rs(entropy(logp)),
-        ce_all=rs(ce) if ce is not None else nan.clone(),
-        target_rank_all=rs(rk.float()) if rk is not None else nan.clone(),
+        tv_all=m["tv"],
+        kl_all=m["kl"],
+        nucleus_all=m["nucleus"],
+        entropy_all=m["entropy"],
+        ce_all=m["ce"],
+        target_rank_all=m["rank"],
         reaches_input_all=torch.ones(shape, dtype=torch.bool),
         top_ids=top_ids,
-        top_probs=rs(probs),
+        top_probs=m["probs"],
         top_strs=[[str_tokens(model, top_ids[c, k]) for k in range(K)] for c in range(len(conds))],
         full_top_ids=full_ids[0],
         full_top_probs=full_probs[0],
@@ -774,7 +777,8 @@ def evaluate_components(
         g[:, L - 1, :, : P - 1] = 1.0
     keep_rows = grid[:, space.cells]
     abl = Ablation.build(spec, T, ablation, means, mean_positions)
-    chunk = rows_per_chunk(spec, T, model_dtype(model), memory_budget=memory_budget, batch_size=batch_size)
+    chunk = rows_for_budget(spec, T, model_dtype(model), memory_budget=memory_budget, batch_size=batch_size,
+                            n_rows=len(keep), edge_space=False, outputs=len(keep))
     if not keep:
         return torch.empty(0, spec.d_vocab)
     with model_guard(model):

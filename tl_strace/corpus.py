@@ -56,8 +56,14 @@ import pandas as pd
 import torch
 
 from tl_strace._version import __version__
+from tl_strace.ablation import CONDITIONS
+from tl_strace.components import component_strace
 from tl_strace.errors import DecompositionError, InputError, ResultsError
 from tl_strace.io.datasets import DataIssue, Passage, PassageSet, load_passages
+from tl_strace.io.models import load_model
+from tl_strace.mean import compute_means
+from tl_strace.pipeline import strace
+from tl_strace.search import DEFAULT_SIZES
 
 __all__ = [
     "GRANULARITIES",
@@ -210,71 +216,37 @@ def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
 
 
 # ============================================================================ backends
-def _strace_accepts(name: str) -> bool:
-    import tl_strace as ts
-
-    return name in inspect.signature(ts.strace).parameters
-
-
-def _not_yet(what: str) -> InputError:
-    return InputError(f"{what} is not available yet: it comes from tl_strace.components (issue #3: head and MLP "
-                      "nodes, zero and mean ablation), which this installation does not provide in the form the "
-                      "corpus runner needs. Run with --granularity token --ablation zero for now.")
-
-
 def _make_tracer(granularity: str, ablation: str, ablate_attention: bool,
                  opts: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """The function that traces one passage, and its keyword arguments.
 
     Token granularity with zero ablation is the core pipeline, :func:`tl_strace.strace`. Component
-    granularity (zero or mean ablation) is ``tl_strace.components.component_strace``, looked up at
-    call time; its keyword arguments are those of ``strace`` it accepts, plus ``ablation`` (and
-    ``means``, added by the runner). Anything missing is reported as not available yet.
+    granularity (zero or mean ablation) is :func:`tl_strace.components.component_strace`, with the
+    keyword arguments of ``strace`` it shares, plus ``ablation`` (and ``means``, added by the runner).
     """
-    import tl_strace as ts
-
     kw = {k: v for k, v in opts.items() if v is not None or k in ("prepend_bos",)}
     if granularity == "token":
         if ablation == "mean":
             raise InputError("ablation='mean' is not available at token granularity: tl_strace.strace zero-ablates "
                              "edges only. Mean ablation of heads and MLPs: --granularity component --ablation mean.")
         if not ablate_attention:
-            if not _strace_accepts("ablate_attention"):
-                raise InputError("ablate_attention=False needs tl_strace.strace(..., ablate_attention=...), which this "
-                                 "version of tl_strace does not have yet.")
             kw["ablate_attention"] = False
-        return ts.strace, kw
+        return strace, kw
     if not ablate_attention:
         raise InputError("ablate_attention=False applies to token granularity (attention edges); component "
                          "granularity ablates whole heads.")
     if opts.get("method") != "strace" or opts.get("weights") != "l1":
         raise InputError("Component granularity ranks components with its L1 scorer; method and weights apply to "
                          "token granularity only (leave them at 'strace' and 'l1').")
-    try:
-        import importlib
-
-        components = importlib.import_module("tl_strace.components")
-    except ImportError:
-        raise _not_yet(f"granularity='component'") from None
-    fn = getattr(components, "component_strace", None)
-    if fn is None:
-        raise _not_yet("granularity='component'")
-    params = set(inspect.signature(fn).parameters)
-    if ablation == "mean" and not {"ablation", "means"} <= params:
-        raise _not_yet("ablation='mean'")
+    params = set(inspect.signature(component_strace).parameters)
     kw = {k: v for k, v in kw.items() if k in params and k not in ("method", "weights", "taus")}
-    if "ablation" in params:
-        kw["ablation"] = ablation
-    return fn, kw
+    kw["ablation"] = ablation
+    return component_strace, kw
 
 
 def _means(model: Any, passages: PassageSet, path: Path, dist: "_Dist") -> Any:
     """Mean activations over the first :data:`MEAN_REFERENCE` passages that fit the model's
     context, cached in the run directory (rank 0 computes them; the other ranks load that file)."""
-    try:
-        from tl_strace.mean import compute_means
-    except ImportError:
-        raise _not_yet("ablation='mean'") from None
     n_ctx = int(getattr(getattr(model, "cfg", None), "n_ctx", 0) or 0)
     texts = []
     for p in passages:
@@ -499,10 +471,9 @@ def run_corpus(
     Raises:
         ResultsError: ``out`` holds a run with another configuration, or a shard is corrupt
             before its last line, or another process is writing the same shard.
-        InputError: invalid options, or an option whose implementation is not available yet.
+        InputError: invalid options.
     """
     t0 = time.perf_counter()
-    import tl_strace as ts
 
     # ------------------------------------------------------------------ options, before anything runs
     if granularity not in GRANULARITIES:
@@ -510,8 +481,8 @@ def run_corpus(
     if ablation not in ABLATIONS:
         raise InputError(f"Unknown ablation {ablation!r}; choose one of {list(ABLATIONS)}.")
     conds = tuple(dict.fromkeys(("only", *conditions)))
-    if any(c not in ("only", "random", "inverse") for c in conds):
-        raise InputError(f"Conditions must be among ['only', 'random', 'inverse']; got {list(conditions)}.")
+    if any(c not in CONDITIONS for c in conds):
+        raise InputError(f"Conditions must be among {list(CONDITIONS)}; got {list(conditions)}.")
     if method not in ("strace", "threshold", "nucleus"):
         raise InputError(f"Unknown method {method!r}; choose one of ['nucleus', 'strace', 'threshold'].")
     if weights not in ("l1", "ifr"):
@@ -525,7 +496,7 @@ def run_corpus(
         raise InputError(f"method={method!r} builds strata from taus; pass taus=..., not sizes.")
     rec_sizes = _check_sizes(record_sizes, "record_sizes") or []
     if method == "strace" and sizes_l is None and granularity == "token":
-        sizes_l = [float(s) for s in ts.DEFAULT_SIZES]
+        sizes_l = [float(s) for s in DEFAULT_SIZES]
     opts: dict[str, Any] = {"sizes": sizes_l if method == "strace" else None, "method": method, "weights": weights,
                             "conditions": conds, "seed": seed, "top_k": top_k, "prepend_bos": prepend_bos,
                             "batch_size": batch_size, "memory_budget": memory_budget}
@@ -573,7 +544,7 @@ def run_corpus(
             device = None
             if torch.cuda.is_available():
                 device = f"cuda:{dist.local_rank % torch.cuda.device_count()}"
-            model = ts.load_model(model_name, device=device)
+            model = load_model(model_name, device=device)
         config["model"] = _model_identity(model, model_name)
         err = None
         if dist.rank == 0:

@@ -22,6 +22,7 @@ __all__ = [
     "NUCLEUS_LEVELS",
     "entropy",
     "kl_divergence",
+    "row_metrics",
     "shared_nucleus",
     "target_stats",
     "top_tokens",
@@ -50,8 +51,9 @@ def entropy(logp: Float[Tensor, "row vocab"]) -> Float[Tensor, "row"]:
 
 def _nucleus_lengths(sorted_p: Float[Tensor, "row vocab"], levels: Tensor) -> Int[Tensor, "row level"]:
     """Length of the shortest prefix whose mass reaches each level (at least 1)."""
-    cum = sorted_p.cumsum(-1)
-    n = (cum[:, None, :] < levels[None, :, None]).sum(-1) + 1
+    cum = sorted_p.cumsum(-1)  # non-decreasing: a running sum of non-negative numbers
+    # Entries below each level = its left insertion point; no [row, level, vocab] temporary.
+    n = torch.searchsorted(cum, levels[None, :].expand(cum.shape[0], -1).contiguous(), side="left") + 1
     return n.clamp(max=sorted_p.shape[-1])
 
 
@@ -70,7 +72,8 @@ def shared_nucleus(full: Float[Tensor, "vocab"], sub: Float[Tensor, "row vocab"]
     len_s = _nucleus_lengths(ps, lv)  # [row, level]
     differ = idx_s != idx_f[None, :]
     V = differ.shape[-1]
-    first_diff = torch.where(differ.any(-1), differ.float().argmax(-1), torch.full((differ.shape[0],), V, device=sub.device))
+    first_diff = torch.where(differ.any(-1), differ.to(torch.uint8).argmax(-1),
+                             torch.full((differ.shape[0],), V, device=sub.device))
     same = (len_s == len_f) & (first_diff[:, None] >= len_s)
     lvl = torch.tensor(list(levels), dtype=sub.dtype, device=sub.device)
     return torch.where(same, lvl[None, :], torch.zeros_like(lvl)[None, :]).amax(-1)
@@ -86,3 +89,24 @@ def top_tokens(logp: Float[Tensor, "row vocab"], k: int) -> tuple[Int[Tensor, "r
     """The ``k`` most probable tokens and their probabilities."""
     vals, ids = torch.topk(logp, k=min(k, logp.shape[-1]), dim=-1)
     return ids, vals.exp()
+
+
+ROW_METRICS: tuple[str, ...] = ("tv", "kl", "nucleus", "entropy", "ce", "rank", "ids", "probs")
+"""Keys of :func:`row_metrics`."""
+
+
+def row_metrics(full: Float[Tensor, "vocab"], logp: Float[Tensor, "row vocab"], target: int | None,
+                top_k: int) -> dict[str, Tensor]:
+    """Every per-row number a result keeps, for one chunk of evaluated rows: ``tv``, ``kl``,
+    ``nucleus``, ``entropy``, ``ce`` and ``rank`` (NaN without a target), and the ``top_k`` token
+    ``ids``/``probs``. Callers evaluate rows chunk by chunk and keep only these, so memory does not
+    grow with the number of rows times the vocabulary."""
+    out = {"tv": total_variation(full, logp), "kl": kl_divergence(full, logp),
+           "nucleus": shared_nucleus(full, logp), "entropy": entropy(logp)}
+    if target is not None:
+        ce, rank = target_stats(logp, target)
+        out["ce"], out["rank"] = ce, rank.float()
+    else:
+        out["ce"] = out["rank"] = torch.full((logp.shape[0],), float("nan"), device=logp.device)
+    out["ids"], out["probs"] = top_tokens(logp, top_k)
+    return out

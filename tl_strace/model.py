@@ -236,8 +236,12 @@ def run_hooked(model: Any, tokens: Tensor, hooks: Sequence[tuple[str, Callable[.
     fwd = list(hooks)
     if last_only:
         fwd.append((_UNEMBED_IN[backend], _keep_last))
+    # No KV cache: HF models build one by default (config.use_cache), which keeps every block's
+    # keys and values of every row alive for the whole forward (11 MiB a row on GPT-2 small at 150
+    # tokens); nothing here decodes further tokens.
+    kwargs = {"use_cache": False} if backend == "bridge" else {}
     with model.hooks(fwd_hooks=fwd):
-        logits = model(tokens)
+        logits = model(tokens, **kwargs)
     return logits[:, -1, :]
 
 
@@ -439,7 +443,8 @@ def clean_run(model: Any, spec: ModelSpec, tokens: Int[Tensor, "pos"]) -> CleanR
             "and cannot proceed. Check the model weights, or run it in float32 (fp16 overflows easily)."
         )
     d = spec.d_model
-    stack = lambda role: torch.stack([store[(role, l)] for l in range(L)])  # noqa: E731
+    # pop while stacking: at most one role is held twice (the per-layer copies and the stack)
+    stack = lambda role: torch.stack([store.pop((role, l)) for l in range(L)])  # noqa: E731
     scale = store[("final_scale", -1)][-1].reshape(-1)
     if scale.numel() != 1:
         raise UnsupportedModelError(f"{spec.name}: ln_final.hook_scale is not one number per position.")

@@ -14,10 +14,11 @@ import torch
 from torch import Tensor
 
 from tl_strace._version import __version__
-from tl_strace.ablation import MaskRow, masked_logprobs, rows_per_chunk, verify_attention_masking
+from tl_strace.ablation import CONDITIONS, MaskRow, check_conditions, masked_logprobs, verify_attention_masking
 from tl_strace.errors import InputError
 from tl_strace.graph import EdgeLayout, Graph, check_decomposition, node_vectors
-from tl_strace.metrics import entropy, kl_divergence, shared_nucleus, target_stats, top_tokens, total_variation
+from tl_strace.memory import rows_for_budget
+from tl_strace.metrics import ROW_METRICS, entropy, row_metrics, target_stats, top_tokens
 from tl_strace.model import (
     clean_run,
     describe_model,
@@ -34,10 +35,6 @@ from tl_strace.weights import WEIGHTS, compute_weights
 
 __all__ = ["CONDITIONS", "check_model", "strace"]
 
-CONDITIONS = ("only", "random", "inverse")
-"""Evaluation conditions: the subgraph alone, a random connected subgraph of the same size, and the
-model with the subgraph's attention and MLP edges removed."""
-
 
 def _check_options(method: str, weights: str, conditions: Sequence[str], sizes: Sequence[float] | None,
                    taus: Sequence[float] | None, top_k: int) -> tuple[str, ...]:
@@ -45,12 +42,7 @@ def _check_options(method: str, weights: str, conditions: Sequence[str], sizes: 
         raise InputError(f"Unknown method {method!r}; choose one of {sorted(STRATIFICATIONS)}.")
     if weights not in WEIGHTS:
         raise InputError(f"Unknown weights {weights!r}; choose one of {sorted(WEIGHTS)}.")
-    conds = tuple(conditions)
-    unknown = [c for c in conds if c not in CONDITIONS]
-    if unknown or not conds or len(set(conds)) != len(conds):
-        raise InputError(f"Conditions must be distinct names from {list(CONDITIONS)}; got {list(conditions)}.")
-    if "only" not in conds:
-        conds = ("only", *conds)
+    conds = check_conditions(conditions)
     if method == "strace":
         if taus is not None:
             raise InputError("taus apply to method='threshold' or 'nucleus'; s-Trace takes sizes.")
@@ -136,7 +128,10 @@ def strace(
         seed: seed of the random baseline.
         top_k: how many top tokens to keep per stratum.
         batch_size: masks per forward pass; default: as many as ``memory_budget`` allows.
-        memory_budget: bytes per masked forward (default 1 GiB); see ``ablation.bytes_per_row``.
+        memory_budget: the most extra memory (bytes) the whole call may use, by the upper bound of
+            :func:`tl_strace.memory.estimate_memory`; a budget the input cannot fit is refused before
+            any work, saying how much it needs. Default ``None``: each masked forward gets up to 1 GiB
+            of rows and the rest is whatever the input needs.
         prepend_bos: passed to ``model.to_tokens`` for text input.
         ablate_attention: ``False`` never removes attention edges (the masks apply to residual and MLP
             edges only). This reproduces a pipeline whose attention mask silently fails to apply, to
@@ -155,6 +150,9 @@ def strace(
     tokens = prepare_tokens(model, spec, input, prepend_bos=prepend_bos)
     tgt = target_token(model, spec, target)
     layout = EdgeLayout(spec.n_layers, spec.n_heads, int(tokens.numel()))
+    # Before any work: refuse a memory_budget the call cannot fit (tl_strace.memory).
+    rows_for_budget(spec, layout.n_pos, model_dtype(model), memory_budget=memory_budget, batch_size=batch_size,
+                    n_rows=1, random="random" in conds)
     timings: dict[str, float] = {}
 
     with model_guard(model):
@@ -165,6 +163,8 @@ def strace(
         check_decomposition(run, vec, rel_tol=1e-4 if model_dtype(model) == torch.float32 else 2e-2)
         verify_attention_masking(model, spec, tokens, run.b_O)
         graph: Graph = compute_weights(vec, layout, weights)
+        full = torch.log_softmax(run.logits, dim=-1)
+        del run, vec  # the clean activations are not needed past here; free them before the search
         t2 = time.perf_counter()
         timings["graph"] = t2 - t1
         strata = STRATIFICATIONS[method](graph, sizes if method == "strace" else taus)
@@ -178,31 +178,21 @@ def strace(
 
         K = strata.n_strata
         rows = [MaskRow(table=(1 if c == "random" else 0), k=k, inverse=(c == "inverse")) for c in conds for k in range(K)]
-        chunk = rows_per_chunk(spec, layout.n_pos, model_dtype(model), memory_budget=memory_budget, batch_size=batch_size)
-        full = torch.log_softmax(run.logits, dim=-1)
-        out: dict[str, list[Tensor]] = {n: [] for n in ("tv", "kl", "nucleus", "entropy", "ce", "rank", "ids", "probs")}
+        chunk = rows_for_budget(spec, layout.n_pos, model_dtype(model), memory_budget=memory_budget,
+                                batch_size=batch_size, n_rows=len(rows), random="random" in conds)
+        out: dict[str, list[Tensor]] = {n: [] for n in ROW_METRICS}
         for logp in masked_logprobs(model, spec, tokens, layout, tables, rows, chunk=chunk,
-                                        ablate_attention=ablate_attention):
+                                    ablate_attention=ablate_attention):
             if not torch.isfinite(logp).all():
                 raise InputError(f"{spec.name} produced non-finite logits under a masked forward; "
                                  "run the model in float32.")
-            out["tv"].append(total_variation(full, logp))
-            out["kl"].append(kl_divergence(full, logp))
-            out["nucleus"].append(shared_nucleus(full, logp))
-            out["entropy"].append(entropy(logp))
-            if tgt is not None:
-                ce, rk = target_stats(logp, tgt)
-                out["ce"].append(ce)
-                out["rank"].append(rk.float())
-            ids, probs = top_tokens(logp, top_k)
-            out["ids"].append(ids)
-            out["probs"].append(probs)
+            for n, v in row_metrics(full, logp, tgt, top_k).items():
+                out[n].append(v)
         timings["evaluate"] = time.perf_counter() - t3
 
     C = len(conds)
     shape = (C, K)
     cat = lambda n: torch.cat(out[n]).cpu().reshape(*shape, *torch.cat(out[n]).shape[1:])  # noqa: E731
-    nan = torch.full(shape, float("nan"))
     reach = []
     for c in conds:
         if c == "inverse":  # every residual edge is kept: the skip chain reaches the input
@@ -236,8 +226,8 @@ def strace(
         kl_all=cat("kl"),
         nucleus_all=cat("nucleus"),
         entropy_all=cat("entropy"),
-        ce_all=cat("ce") if tgt is not None else nan.clone(),
-        target_rank_all=cat("rank") if tgt is not None else nan.clone(),
+        ce_all=cat("ce"),
+        target_rank_all=cat("rank"),
         reaches_input_all=torch.stack(reach),
         top_ids=top_ids,
         top_probs=cat("probs"),

@@ -93,14 +93,28 @@ class Subgraph:
 
     def components(self) -> pd.DataFrame:
         """Which heads and MLPs this subgraph uses: edges and summed weight per component
-        (``L3H7`` / ``MLP3``), sorted by layer. Residual edges are not components."""
-        df = self.to_dataframe()
-        df = df[df["type"].isin(["attn", "mlp"])]
-        df = df.assign(component=[f"L{l}H{h}" if t == "attn" else f"MLP{l}" for l, h, t in
-                                  zip(df["layer"], df["head"], df["type"])])
-        g = df.groupby("component", sort=False).agg(layer=("layer", "first"), n_edges=("name", "size"),
-                                                     weight=("weight", "sum"))
-        return g.sort_values(["layer", "n_edges"], ascending=[True, False]).reset_index()
+        (``L3H7`` / ``MLP3``), sorted by layer. Residual edges are not components.
+
+        Grouped over tensors (no per-edge Python objects: a subgraph can hold millions of edges)."""
+        keep = (self.type == 0) | (self.type == 2)
+        layer, head, kind, weight = self.layer[keep], self.head[keep], self.type[keep], self.weight[keep]
+        mlp = 1 << 20  # head slot of an MLP: after every head of its layer
+        key = layer.long() * (mlp + 1) + torch.where(kind == 0, head.long(), torch.full_like(head.long(), mlp))
+        uniq, inv, n = torch.unique(key, return_inverse=True, return_counts=True)
+        wsum = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inv, weight.double())
+        # ties (same layer and edge count) in the order the subgraph's edges first reach each component
+        first = torch.full((uniq.numel(),), len(self), dtype=torch.long).scatter_reduce_(
+            0, inv, torch.nonzero(keep).flatten(), reduce="amin")
+        lay, slot = (uniq // (mlp + 1)).tolist(), (uniq % (mlp + 1)).tolist()
+        df = pd.DataFrame({
+            "component": [f"MLP{l}" if h == mlp else f"L{l}H{h}" for l, h in zip(lay, slot)],
+            "layer": np.asarray(lay, dtype=np.int64),
+            "n_edges": n.numpy().astype(np.int64),
+            "weight": wsum.numpy(),
+            "_first": first.numpy(),
+        })
+        df = df.sort_values(["layer", "n_edges", "_first"], ascending=[True, False, True])
+        return df.drop(columns="_first").reset_index(drop=True)
 
     def component_shares(self) -> pd.DataFrame:
         """:meth:`components` plus each component's edge count in the full graph (``n_edges_total``)

@@ -11,8 +11,8 @@ one is always the full graph (s = 1). Searches are registered by name in :data:`
 * ``threshold``: edges with weight > τ, then the part connected to the output node.
 * ``nucleus``: walk back from the output node; at each reached node keep the shortest prefix of its
   in-edges (by weight) whose cumulative weight reaches τ (at least one edge).
-* :func:`random_strata`: the *random* baseline — the s-Trace search run on i.i.d. uniform weights
-  from a seeded generator, i.e. a random connected subgraph grown back from the output node, with
+* :func:`random_strata`: the *random* baseline — a random connected subgraph grown back from the
+  output node (seeded uniform weights taken in bottleneck order, see :func:`random_order`), with
   exactly the same edge counts.
 
 :func:`strace_order` is the fast implementation: edges sorted by their *bottleneck* (a max-min
@@ -43,6 +43,7 @@ __all__ = [
     "Strata",
     "check_sizes",
     "nucleus_strata",
+    "random_order",
     "random_strata",
     "reference_strace_order",
     "strace_order",
@@ -193,7 +194,8 @@ def strace_order(graph: Graph, n_max: int | None = None) -> Int[Tensor, "taken"]
 
     Equal to :func:`reference_strace_order`, ties included, without a Python step per edge: edges
     are sorted by bottleneck (:func:`bottlenecks`), and only runs of equal bottleneck are replayed
-    with a heap (:func:`_replay_run`). On real graphs nearly every run is a single edge.
+    with a heap (:func:`_replay_run`). On real graphs nearly every run is a single edge; tied runs
+    (mostly edges of exactly equal weight) are replayed a block of members at a time.
     """
     n_max = graph.n_edges if n_max is None else min(n_max, graph.n_edges)
     b, node_B = bottlenecks(graph)
@@ -206,29 +208,46 @@ def strace_order(graph: Graph, n_max: int | None = None) -> Int[Tensor, "taken"]
     tied = torch.nonzero((ends - starts > 1) & (starts < n_max)).flatten()
     if tied.numel() == 0:
         return order[:n_max]
-    runs = list(zip(starts[tied].tolist(), ends[tied].tolist()))
     layout = graph.layout
-    at = torch.cat([torch.arange(s0, s1) for s0, s1 in runs])  # positions inside tied runs
+    r_start, r_size = starts[tied], (ends - starts)[tied]
+    run_of = torch.repeat_interleave(torch.arange(r_size.numel()), r_size)  # run of each member
+    r_off = torch.cumsum(r_size, 0) - r_size  # offset of each run among the members
+    at = r_start[run_of] + torch.arange(run_of.numel()) - r_off[run_of]  # positions inside tied runs
+    del run_of
     members = order[at]
     src, tgt = layout.node_ids(members)
     # Where each member's target was reached if that happened in a single-edge run: the position
     # of the (only) edge whose bottleneck is B(target).
     first = torch.searchsorted(neg_sb, -node_B[tgt].to(neg_sb.dtype), side="left")
-    ctx = _RunContext(
-        node_B=node_B.tolist(), output=layout.output_node, reach={}, lam=(-neg_sb[starts[tied]]).tolist(),
-        edge=members.tolist(), src=src.tolist(), tgt=tgt.tolist(), first=first.tolist(),
-        weight=graph.weights[members].tolist(), canon=_canonical(layout, members),
-    )
-    offset = 0
-    for r, (s0, s1) in enumerate(runs):
-        order[s0:s1] = torch.tensor(_replay_run(ctx, r, offset, s0, s1), dtype=torch.long)
-        offset += s1 - s0
+    weight, canon = graph.weights[members], _canonical(layout, members)
+    node_B_list, lam, reach = node_B.tolist(), (-neg_sb[r_start]).tolist(), {}
+    # Python lists for a block of members at a time: tied runs hold millions of edges on long
+    # inputs (12M of 44M at 580 tokens), too many to hold as Python objects at once.
+    ctx, b0, b1, done = None, 0, 0, []
+    for r, (s0, o, n) in enumerate(zip(r_start.tolist(), r_off.tolist(), r_size.tolist())):
+        if ctx is None or o + n > b1:
+            if done:  # write the replayed runs of the previous block back in one assignment
+                order[at[b0:b0 + len(done)]] = torch.tensor(done, dtype=torch.long)
+            b0, b1, done = o, o + max(n, _REPLAY_BLOCK), []
+            sl = slice(b0, b1)
+            ctx = _RunContext(
+                node_B=node_B_list, output=layout.output_node, reach=reach, lam=lam,
+                edge=members[sl].tolist(), src=src[sl].tolist(), tgt=tgt[sl].tolist(), first=first[sl].tolist(),
+                weight=weight[sl].tolist(), canon=canon[sl].tolist(),
+            )
+        done += _replay_run(ctx, r, o - b0, s0, s0 + n)
+    order[at[b0:b0 + len(done)]] = torch.tensor(done, dtype=torch.long)
     return order[:n_max]
+
+
+_REPLAY_BLOCK = 1 << 18
+"""Tied-run members converted to Python lists at a time by :func:`strace_order`."""
 
 
 @dataclass
 class _RunContext:
-    """What replaying tied runs needs, as Python lists (run members only, concatenated)."""
+    """What replaying one tied run needs, as Python lists over the run's members (``reach`` and
+    ``node_B`` are shared by all runs)."""
 
     node_B: list[float]
     output: int
@@ -252,13 +271,13 @@ class _RunContext:
         return pos if pos is not None else self.first[i]
 
 
-def _canonical(layout: EdgeLayout, ids: Tensor) -> list[int]:
+def _canonical(layout: EdgeLayout, ids: Tensor) -> Tensor:
     """Each edge's position among its target node's in-edges: residual 0, then attention edges
     head-major and source-minor (1 + h·(t+1) + s), or the MLP edge (1)."""
     d = layout.decode(ids)
     kind = d["type"]
     attn = 1 + d["head"] * (d["target"] + 1) + d["source"]
-    return torch.where(kind == EdgeType.ATTN, attn, (kind == EdgeType.MLP).long()).tolist()
+    return torch.where(kind == EdgeType.ATTN, attn, (kind == EdgeType.MLP).long())
 
 
 def _replay_run(ctx: _RunContext, r: int, offset: int, s0: int, s1: int) -> list[int]:
@@ -358,15 +377,43 @@ def strace_strata(graph: Graph, sizes: Sequence[float] | None = None) -> Strata:
     return _strata_from_order("strace", graph, order, sizes, counts, sizes)
 
 
-def random_strata(graph: Graph, counts: Sequence[int], sizes: Sequence[float], *, seed: int = 0) -> Strata:
-    """The *random* baseline: connected subgraphs grown back from the output node in a random order
-    (s-Trace on i.i.d. uniform weights from ``torch.Generator().manual_seed(seed)``), one per
-    stratum, nested, with exactly ``counts`` edges each."""
+def random_order(graph: Graph, n_max: int | None = None, *, seed: int = 0) -> Int[Tensor, "taken"]:
+    """Edge ids in the order the *random* baseline takes them: a random connected growth back from
+    the output node (every edge is taken after its target node has been reached), seeded.
+
+    Each edge gets an i.i.d. uniform weight from ``torch.Generator().manual_seed(seed)``; edges are
+    taken in non-increasing order of their bottleneck under those weights (as s-Trace would), and
+    within a run of equal bottleneck by decreasing height of their target node. The edge that
+    reaches a node always targets a higher node, so each prefix is connected, with no heap at all:
+    s-Trace's own order inside such runs (weight first) needs a Python replay, and under uniform
+    weights most edges sit in a few huge runs (77 % of them on SmolLM2 at 59 tokens).
+    """
+    n_max = graph.n_edges if n_max is None else min(n_max, graph.n_edges)
     gen = torch.Generator().manual_seed(int(seed))
-    rnd = torch.rand(graph.layout.size, generator=gen, dtype=torch.float64)
-    g = Graph(graph.layout, rnd.masked_fill(~graph.valid, 0.0), graph.valid)
+    u = torch.rand(graph.layout.size, generator=gen)
+    b, _ = bottlenecks(Graph(graph.layout, u.masked_fill(~graph.valid, 0.0), graph.valid))
+    ids = torch.nonzero(graph.valid).flatten()
+    order = ids[torch.sort(-_target_level(graph.layout)[ids], stable=True).indices]  # secondary key
+    del ids
+    order = order[torch.sort(-b[order], stable=True).indices]  # primary key: bottleneck
+    return order[:n_max]
+
+
+def _target_level(layout: EdgeLayout) -> Int[Tensor, "edge"]:
+    """Level of each edge's target node (attention and its residual edge: 2l+1; MLP and its
+    residual edge: 2l+2), as int16: the height that orders a node after the edge reaching it."""
+    L, H, T = layout.n_layers, layout.n_heads, layout.n_pos
+    lv = torch.arange(L, dtype=torch.int16)
+    mid, post = (2 * lv + 1)[:, None].expand(L, T), (2 * lv + 2)[:, None].expand(L, T)
+    return layout.join(mid[:, None, :, None].expand(L, H, T, T), mid, post, post)
+
+
+def random_strata(graph: Graph, counts: Sequence[int], sizes: Sequence[float], *, seed: int = 0) -> Strata:
+    """The *random* baseline (METHOD.md §4): connected subgraphs grown back from the output node in
+    the random order of :func:`random_order`, one per stratum, nested, with exactly ``counts`` edges
+    each."""
     partial = [c for c in counts if c < graph.n_edges]
-    order = strace_order(g, max(partial) if partial else 0)
+    order = random_order(graph, max(partial) if partial else 0, seed=seed)
     return _strata_from_order("random", graph, order, sizes, counts, sizes)
 
 

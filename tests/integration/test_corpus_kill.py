@@ -15,15 +15,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.unit.test_corpus import canon, save_tiny_model, word_passages
 from tl_strace.corpus import load_run, run_corpus
 from tl_strace.io.datasets import write_passages
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: corpus runs use one thread
 
 SIZES = ["0.01", "0.05", "0.1", "0.2", "0.4", "0.7", "1.0"]
 N = 16
@@ -39,14 +39,6 @@ def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     p = tmp_path_factory.mktemp("data") / "words.jsonl"
     write_passages(word_passages(N, seed=1), p)
     return p
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _command(model_dir: str, data: Path, out: Path) -> list[str]:

@@ -9,25 +9,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.unit.test_corpus import canon, save_tiny_model, word_passages
 from tl_strace.corpus import load_run, run_corpus
 from tl_strace.io.datasets import write_passages
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: corpus runs use one thread
+
 SIZES = ["0.01", "0.05", "0.1", "0.2", "0.4", "0.7", "1.0"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_two_torchrun_processes_equal_one_process(tmp_path: Path) -> None:

@@ -20,8 +20,9 @@ from tl_strace.components import (
 )
 from tl_strace.errors import InputError, ResultsError
 from tl_strace.mean import compute_means
+from tl_strace.memory import estimate_memory
 from tl_strace.metrics import kl_divergence, total_variation
-from tl_strace.model import _attached_hooks
+from tl_strace.model import _attached_hooks, describe_model
 from tests.tiny import tiny_bridge
 
 TOKENS = torch.tensor([0, 5, 17, 3, 42, 8, 9, 23, 61, 4])
@@ -203,7 +204,8 @@ def test_batched_rows_equal_one_row_at_a_time(llama_model):
     sets = [names[:k] for k in range(0, sp.size + 1, 3)]
     a = evaluate_components(llama_model, TOKENS, sets, batch_size=len(sets))
     b = evaluate_components(llama_model, TOKENS, sets, batch_size=1)
-    c = evaluate_components(llama_model, TOKENS, sets, memory_budget=1)  # smallest chunks
+    est = estimate_memory(describe_model(llama_model), len(TOKENS), 1, edge_space=False)
+    c = evaluate_components(llama_model, TOKENS, sets, memory_budget=est.fixed + 2 * est.per_row)  # 2 rows a forward
     assert (a - b).abs().max() < 1e-5 and (a - c).abs().max() < 1e-5
 
 

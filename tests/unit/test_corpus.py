@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +45,8 @@ from tl_strace.io.datasets import (
     write_passages,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: corpus runs use one thread
+
 SIZES = [0.005, 0.01, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0]
 RECORD = [0.1, 0.4]
 
@@ -74,14 +74,6 @@ def word_passages(n: int, seed: int = 0, *, lo: int = 3, hi: int = 9) -> list[Pa
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -278,8 +270,7 @@ def test_malformed_data_is_reported_and_the_run_goes_on(model_dir: str, tmp_path
     assert s.n_new == 0 and s.n_skipped == 1
 
 
-def test_option_errors_come_before_any_work(model_dir: str, data_file: Path, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_option_errors_come_before_any_work(model_dir: str, data_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "never"
     with pytest.raises(InputError, match="granularity"):
         run_corpus(model_dir, data_file, out, granularity="edge")
@@ -287,14 +278,14 @@ def test_option_errors_come_before_any_work(model_dir: str, data_file: Path, tmp
         run_corpus(model_dir, data_file, out, ablation="mean")
     with pytest.raises(InputError, match="taus"):
         run_corpus(model_dir, data_file, out, taus=[0.5])
-    monkeypatch.setitem(sys.modules, "tl_strace.components", None)  # as if issue #3 had not landed
-    with pytest.raises(InputError, match="not available yet"):
-        run_corpus(model_dir, data_file, out, granularity="component")
+    with pytest.raises(InputError, match="token granularity only"):
+        run_corpus(model_dir, data_file, out, granularity="component", weights="ifr")
+    with pytest.raises(InputError, match="applies to token granularity"):
+        run_corpus(model_dir, data_file, out, granularity="component", ablate_attention=False)
     assert not out.exists()
 
 
-def test_component_granularity_when_available(model_dir: str, data_file: Path, tmp_path: Path) -> None:
-    pytest.importorskip("tl_strace.components")
+def test_component_granularity(model_dir: str, data_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "comp"
     run_corpus(model_dir, data_file, out, granularity="component", limit=3, record_sizes=[0.1, 0.5],
                progress=False)
@@ -388,6 +379,26 @@ def test_cli_run_and_report(model_dir: str, data_file: Path, tmp_path: Path, cap
     assert main(["report", str(out), "--format", "html"]) == 0
     assert (out / "report.html").is_file()
     assert isinstance(load_run(out).table, pd.DataFrame)
+
+
+def test_cli_memory_budget(model_dir: str, data_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--memory-budget takes sizes with units; too small a budget is one clear line (trace) or a
+    skipped passage with its reason (run: nothing else is lost)."""
+    from tl_strace.cli import main
+
+    assert main(["trace", "--model", model_dir, "w2 w3 w4 w5", "--conditions", "only", "--memory-budget", "1MiB"]) == 2
+    err = capsys.readouterr().err
+    assert "tl-strace: error:" in err and "needs at least" in err
+    with pytest.raises(SystemExit) as e:  # argparse: usage and the message, exit status 2
+        main(["trace", "--model", model_dir, "w2 w3 w4 w5", "--memory-budget", "lots"])
+    assert e.value.code == 2 and "not a size" in capsys.readouterr().err
+    assert main(["trace", "--model", model_dir, "w2 w3 w4 w5", "--conditions", "only", "--memory-budget", "1GiB",
+                 "--json"]) == 0
+    out = tmp_path / "tight"
+    assert main(["run", "--model", model_dir, "--data", str(data_file), "--out", str(out), "--limit", "2", "--quiet",
+                 "--sizes", *map(str, SIZES), "--memory-budget", "1MiB"]) == 0
+    run = load_run(out)
+    assert len(run.skipped) == 2 and all("needs at least" in r for r in run.skipped["reason"])
 
 
 @pytest.mark.real

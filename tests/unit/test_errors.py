@@ -46,6 +46,10 @@ def before(gpt2_model):
         (TOKS, {"conditions": ["only", "bogus"]}, "Conditions"),
         (TOKS, {"method": "threshold", "sizes": [0.1]}, "taus"),
         (TOKS, {"target": 10_000}, "outside the vocabulary"),
+        (TOKS, {"memory_budget": 1 << 20}, "needs at least"),
+        (TOKS, {"memory_budget": 0}, "must be positive"),
+        (TOKS, {"batch_size": 0}, "at least 1"),
+        (TOKS, {"batch_size": 10_000, "memory_budget": 65 << 20}, "does not fit"),
     ],
 )
 def test_bad_input_names_the_problem(gpt2_model, before, inp, kwargs, words):
@@ -95,7 +99,7 @@ def test_failure_during_evaluation_leaves_no_hooks(gpt2_model, before, monkeypat
         calls["n"] += 1
         raise RuntimeError("metric exploded")
 
-    monkeypatch.setattr("tl_strace.pipeline.total_variation", boom)
+    monkeypatch.setattr("tl_strace.metrics.total_variation", boom)
     with pytest.raises(RuntimeError, match="metric exploded"):
         ts.strace(gpt2_model, TOKS, batch_size=3)
     assert calls["n"] == 1

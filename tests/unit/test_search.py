@@ -15,6 +15,7 @@ from tl_strace.search import (
     DEFAULT_SIZES,
     check_sizes,
     nucleus_strata,
+    random_order,
     random_strata,
     reference_strace_order,
     strace_order,
@@ -91,6 +92,33 @@ def test_random_strata_are_seeded_connected_and_same_size():
     for k in range(len(sizes)):
         assert int(a.mask(k).sum()) == counts[k]
         assert _connected_to_output(graph.layout, a.mask(k))
+
+
+@pytest.mark.parametrize("block", [1, 2, 7])
+def test_tie_replay_in_small_blocks_equals_plain_heap(block, monkeypatch):
+    """Tied runs are turned into Python lists a block at a time; block boundaries change nothing."""
+    import tl_strace.search as search
+
+    monkeypatch.setattr(search, "_REPLAY_BLOCK", block)
+    for seed in range(8):
+        graph = random_graph(2, 3, 5, seed, levels=[3, 1][seed % 2])
+        assert strace_order(graph).tolist() == reference_strace_order(graph).tolist()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_order_grows_back_from_the_output_one_edge_at_a_time(seed):
+    """Every prefix of the random baseline's order is connected: each edge's target node is the
+    output or the source of an edge taken before it. All edges are taken once."""
+    graph = random_graph(3, 2, 5, seed)
+    order = random_order(graph, seed=seed).tolist()
+    assert sorted(order) == torch.nonzero(graph.valid).flatten().tolist()
+    src, tgt = graph.layout.node_ids(torch.tensor(order))
+    reached = {graph.layout.output_node}
+    for s_, t_ in zip(src.tolist(), tgt.tolist()):
+        assert t_ in reached
+        reached.add(s_)
+    # a prefix is what random_order(n_max) returns
+    assert random_order(graph, 7, seed=seed).tolist() == order[:7]
 
 
 @pytest.mark.parametrize("fn", [threshold_strata, nucleus_strata])

@@ -33,21 +33,36 @@ res = ts.strace(model, text, conditions=["only"])
 #
 # ## 2. The memory budget
 #
-# Each batch row needs memory for one copy of the forward pass (attention patterns grow with the
-# square of the input length). `memory_budget` (bytes, default 1 GiB) caps a batch; `batch_size` sets
-# the rows directly. Results do not depend on either:
+# A call holds three things: the edge space (weights, search order and strata labels: about 40 bytes
+# per slot, `layers × heads × tokens²` slots), the clean run's activations, and the masked forwards'
+# rows (one copy of the forward pass each; attention patterns grow with the square of the input
+# length). `tl_strace.memory.estimate_memory` gives the upper bound before anything runs:
 
 # %%
-from tl_strace.ablation import bytes_per_row
+from tl_strace.memory import estimate_memory
 from tl_strace.model import describe_model
 
 spec = describe_model(model)
 T = len(res.str_tokens)
-print(f"{bytes_per_row(spec, T, torch.float32) / 2**20:.1f} MiB per row at {T} tokens; "
-      f"{bytes_per_row(spec, 512, torch.float32) / 2**20:.0f} MiB per row at 512 tokens")
-small = ts.strace(model, text, conditions=["only"], memory_budget=16 * 2**20)
-print("same numbers with a 16 MiB budget:", torch.allclose(small.tv, res.tv, atol=1e-5),
+for n in (T, 512):
+    print(f"{n:>4} tokens:", estimate_memory(spec, n, rows=27).describe())
+
+# %% [markdown]
+# `memory_budget` (bytes) bounds the whole call by that estimate: the masked forwards get as many
+# rows as fit beside the fixed part, and a budget the input cannot fit is refused up front, saying
+# how much it needs, instead of running out of memory half-way. `batch_size` sets the rows directly.
+# Results do not depend on either:
+
+# %%
+est = estimate_memory(spec, T, rows=0)
+tight = est.fixed + 4 * est.per_row  # room for 4 rows per forward
+small = ts.strace(model, text, conditions=["only"], memory_budget=tight)
+print(f"same numbers with a {tight / 2**20:.0f} MiB budget:", torch.allclose(small.tv, res.tv, atol=1e-5),
       f"({small.timings['evaluate']:.2f} s vs {res.timings['evaluate']:.2f} s to evaluate)")
+try:
+    ts.strace(model, text, memory_budget=64 * 2**20)
+except ts.InputError as e:
+    print("InputError:", e)
 
 # %% [markdown]
 # ## 3. On a GPU
