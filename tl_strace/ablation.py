@@ -39,8 +39,8 @@ _SENTINEL = torch.iinfo(torch.int16).max
 
 
 CONDITIONS: tuple[str, ...] = ("only", "random", "inverse")
-"""Evaluation conditions: the subgraph alone, a random connected subgraph of the same size grown back
-from the output node, and the subgraph's complement with every residual edge kept."""
+"""Evaluation conditions: the subgraph alone, a random connected subgraph of the same size (the same
+search on seeded uniform weights), and the subgraph's complement with every residual edge kept."""
 
 
 def check_conditions(conditions: Sequence[str]) -> tuple[str, ...]:

@@ -11,9 +11,9 @@ one is always the full graph (s = 1). Searches are registered by name in :data:`
 * ``threshold``: edges with weight > τ, then the part connected to the output node.
 * ``nucleus``: walk back from the output node; at each reached node keep the shortest prefix of its
   in-edges (by weight) whose cumulative weight reaches τ (at least one edge).
-* :func:`random_strata`: the *random* baseline — a random connected subgraph grown back from the
-  output node (seeded uniform weights taken in bottleneck order, see :func:`random_order`), with
-  exactly the same edge counts.
+* :func:`random_strata`: the *random* baseline — the s-Trace search run on i.i.d. uniform weights
+  from a seeded generator (:func:`random_order`), i.e. a random connected subgraph grown back from
+  the output node, with exactly the same edge counts.
 
 :func:`strace_order` is the fast implementation: edges sorted by their *bottleneck* (a max-min
 recursion over tensors), with a heap replay only inside runs of equal bottleneck.
@@ -378,40 +378,22 @@ def strace_strata(graph: Graph, sizes: Sequence[float] | None = None) -> Strata:
 
 
 def random_order(graph: Graph, n_max: int | None = None, *, seed: int = 0) -> Int[Tensor, "taken"]:
-    """Edge ids in the order the *random* baseline takes them: a random connected growth back from
-    the output node (every edge is taken after its target node has been reached), seeded.
+    """Edge ids in the order the *random* baseline takes them: the s-Trace search run on i.i.d.
+    uniform weights from ``torch.Generator().manual_seed(seed)`` — a random connected subgraph
+    grown back from the output node, one edge at a time (every edge after its target node).
 
-    Each edge gets an i.i.d. uniform weight from ``torch.Generator().manual_seed(seed)``; edges are
-    taken in non-increasing order of their bottleneck under those weights (as s-Trace would), and
-    within a run of equal bottleneck by decreasing height of their target node. The edge that
-    reaches a node always targets a higher node, so each prefix is connected, with no heap at all:
-    s-Trace's own order inside such runs (weight first) needs a Python replay, and under uniform
-    weights most edges sit in a few huge runs (77 % of them on SmolLM2 at 59 tokens).
+    Under uniform weights most edges share a few huge runs of equal bottleneck (77 % of them on
+    SmolLM2 at 59 tokens), so this is the tie replay's heaviest case.
     """
-    n_max = graph.n_edges if n_max is None else min(n_max, graph.n_edges)
     gen = torch.Generator().manual_seed(int(seed))
-    u = torch.rand(graph.layout.size, generator=gen)
-    b, _ = bottlenecks(Graph(graph.layout, u.masked_fill(~graph.valid, 0.0), graph.valid))
-    ids = torch.nonzero(graph.valid).flatten()
-    order = ids[torch.sort(-_target_level(graph.layout)[ids], stable=True).indices]  # secondary key
-    del ids
-    order = order[torch.sort(-b[order], stable=True).indices]  # primary key: bottleneck
-    return order[:n_max]
-
-
-def _target_level(layout: EdgeLayout) -> Int[Tensor, "edge"]:
-    """Level of each edge's target node (attention and its residual edge: 2l+1; MLP and its
-    residual edge: 2l+2), as int16: the height that orders a node after the edge reaching it."""
-    L, H, T = layout.n_layers, layout.n_heads, layout.n_pos
-    lv = torch.arange(L, dtype=torch.int16)
-    mid, post = (2 * lv + 1)[:, None].expand(L, T), (2 * lv + 2)[:, None].expand(L, T)
-    return layout.join(mid[:, None, :, None].expand(L, H, T, T), mid, post, post)
+    rnd = torch.rand(graph.layout.size, generator=gen, dtype=torch.float64)
+    return strace_order(Graph(graph.layout, rnd.masked_fill(~graph.valid, 0.0), graph.valid), n_max)
 
 
 def random_strata(graph: Graph, counts: Sequence[int], sizes: Sequence[float], *, seed: int = 0) -> Strata:
     """The *random* baseline (METHOD.md §4): connected subgraphs grown back from the output node in
-    the random order of :func:`random_order`, one per stratum, nested, with exactly ``counts`` edges
-    each."""
+    the order of :func:`random_order` (s-Trace on seeded uniform weights), one per stratum, nested,
+    with exactly ``counts`` edges each."""
     partial = [c for c in counts if c < graph.n_edges]
     order = random_order(graph, max(partial) if partial else 0, seed=seed)
     return _strata_from_order("random", graph, order, sizes, counts, sizes)
