@@ -19,6 +19,7 @@ hook closure is told its layer when it is made.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -35,6 +36,7 @@ __all__ = [
     "ModelSpec",
     "clean_run",
     "describe_model",
+    "weights_fingerprint",
     "hook_name",
     "model_guard",
     "prepare_tokens",
@@ -318,6 +320,34 @@ def _model_device(model: Any) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+#: Values sampled per tensor by :func:`weights_fingerprint` (evenly strided, first and last included).
+_FINGERPRINT_SAMPLES = 16384
+
+
+def weights_fingerprint(model: Any) -> str:
+    """SHA-256 (hex) identifying a model by its weights, not its name.
+
+    Every parameter and floating buffer enters by name, shape and dtype and an evenly strided
+    sample of :data:`_FINGERPRINT_SAMPLES` of its values (all of them for smaller tensors). Two
+    checkpoints of one architecture (a fine-tune, another training step, one retrained block) differ
+    in nearly every weight, so they get different fingerprints, while the cost stays a gather per
+    tensor (tens of milliseconds for a 135M model on a CPU). No reduction enters the hash, so the
+    fingerprint does not depend on the thread count. Used to tie mean caches and corpus run
+    directories to the model that made them.
+    """
+    h = hashlib.sha256()
+    named = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if b.dtype.is_floating_point]
+    for name, t in sorted(named, key=lambda nt: nt[0]):
+        x = t.detach()
+        h.update(f"{name}|{tuple(x.shape)}|{x.dtype}|".encode())
+        flat = x.reshape(-1)
+        if flat.numel():
+            n = min(_FINGERPRINT_SAMPLES, flat.numel())
+            idx = torch.arange(n, device=flat.device) * (flat.numel() - 1) // max(n - 1, 1)
+            h.update(flat[idx].to("cpu", torch.float64).numpy().tobytes())
+    return h.hexdigest()
 
 
 def model_dtype(model: Any) -> torch.dtype:
