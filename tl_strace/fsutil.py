@@ -66,6 +66,21 @@ def check_output_path(path: str | os.PathLike[str], *, what: str = "output file"
     return p
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (``os.umask`` must set it
+    to read it, which would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike[str], *, what: str = "output file") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``.
@@ -77,9 +92,7 @@ def atomic_writer(path: str | os.PathLike[str], *, what: str = "output file") ->
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent if str(target.parent) else ".")
     os.close(fd)
     tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the result the usual permissions
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the result the usual permissions
     try:
         yield tmp
         with open(tmp, "rb+") as f:
