@@ -8,7 +8,6 @@ test of a CI run and by later runs on the same machine. The other tests are smal
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,22 @@ def _greedy_next_token(model: Any, text: str) -> str:
     return model.tokenizer.decode(int(logits[0, -1].argmax()))
 
 
+def _no_network(*args: object, **kwargs: object) -> bool:
+    raise AssertionError("an offline load must not probe the network")
+
+
+def _forbid_hub_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any network connection fail the test: "fails fast" / "loads offline" are asserted as
+    "never tries the network" (no retry loop, no timeout to wait out), not as a wall time."""
+    import socket
+
+    def _refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("tl_strace tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", _refuse)
+    monkeypatch.setattr(socket, "create_connection", _refuse)
+
+
 def test_list_bundled_models() -> None:
     assert list_bundled_models() == ["smollm2-135m"]
 
@@ -74,10 +89,7 @@ def test_second_load_reads_the_cache(smollm2: Any, monkeypatch: pytest.MonkeyPat
         raise AssertionError("the cached model should have been used")
 
     monkeypatch.setattr(models, "_convert_gguf_to_cache", _no_conversion)
-    start = time.perf_counter()
-    model = load_model("SmolLM2-135M-Instruct", device="cpu")  # alias, any case
-    elapsed = time.perf_counter() - start
-    assert elapsed < 20, f"cached load took {elapsed:.1f} s"
+    model = load_model("SmolLM2-135M-Instruct", device="cpu")  # alias, any case (no conversion: see above)
     assert not model.training
     assert _greedy_next_token(model, PROMPT) == " Paris"
 
@@ -85,10 +97,10 @@ def test_second_load_reads_the_cache(smollm2: Any, monkeypatch: pytest.MonkeyPat
 def test_unknown_hub_name_offline_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     _set_offline(monkeypatch)
     name = "tl-strace-test/definitely-not-a-real-model"
-    start = time.perf_counter()
+    # "fails fast" means no request is attempted (no retry loop); a request would raise here.
+    monkeypatch.setattr(models, "_hub_reachable", _no_network)
     with pytest.raises(ModelLoadError) as info:
         load_model(name)
-    assert time.perf_counter() - start < 5
     message = str(info.value)
     assert name in message
     assert "HF_HUB_OFFLINE" in message
@@ -100,10 +112,9 @@ def test_unknown_hub_name_unreachable_hub_fails_fast(monkeypatch: pytest.MonkeyP
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(models, "_hub_reachable", lambda *a, **k: False)
-    start = time.perf_counter()
+    _forbid_hub_downloads(monkeypatch)
     with pytest.raises(ModelLoadError, match="unreachable"):
         load_model("tl-strace-test/another-missing-model")
-    assert time.perf_counter() - start < 5
 
 
 def test_missing_local_path_and_bad_directory(tmp_path: Path) -> None:
@@ -191,9 +202,8 @@ def test_local_directory_with_tiny_random_gpt2_loads(
     hf_model = GPT2LMHeadModel(config)
     hf_model.save_pretrained(str(model_dir))
 
-    start = time.perf_counter()
+    _forbid_hub_downloads(monkeypatch)
     bridge = load_model(str(model_dir), device="cpu", dtype=torch.float64)
-    assert time.perf_counter() - start < 30
     assert isinstance(bridge, TransformerBridge)
     assert not bridge.training
     assert next(bridge.original_model.parameters()).dtype == torch.float64

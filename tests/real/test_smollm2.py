@@ -30,7 +30,13 @@ def test_exactness_on_smollm2(smollm2):
     tokens = prepare_tokens(smollm2, spec, PASSAGES[0])
     run = clean_run(smollm2, spec, tokens)
     errs = check_decomposition(run, node_vectors(run))
-    assert max(errs.values()) < 1e-3  # absolute, on streams with norms in the hundreds
+    # Relative to the streams: SmolLM2's residual stream reaches ~1e4 in a few dimensions, where one
+    # fp32 rounding step is ~1e-3, and the sums run over up to 9·T + 1 terms whose order changes with
+    # the thread count. 1e-6 of the largest value is ~8 rounding steps at that magnitude: loose
+    # enough for any summation order, far below any real decomposition error (the refused
+    # sandwich-norm models miss by > 1e-1 relative).
+    scale = float(torch.cat([run.resid_pre.flatten(), run.resid_post.flatten()]).abs().max())
+    assert max(errs.values()) <= 1e-6 * scale, (errs, scale)
     layout = EdgeLayout(spec.n_layers, spec.n_heads, tokens.numel())
     full = torch.zeros(layout.size, dtype=torch.long)
     no_attn = full.clone()
@@ -38,7 +44,9 @@ def test_exactness_on_smollm2(smollm2):
     logp = torch.cat(list(masked_logprobs(smollm2, spec, tokens, layout, [full, no_attn],
                                           [MaskRow(0, 0), MaskRow(1, 0)], chunk=2)))
     want = torch.log_softmax(smollm2(tokens[None])[0, -1].float(), -1)
-    assert (logp[0] - want).abs().max() <= 1e-4  # every edge kept: the model's own logits
+    # every edge kept: the model's own logits, to 1e-4 relative (log-probs here reach ~|30|; fp32
+    # forwards with another batch size / thread count differ by ~1e-5 in them)
+    assert (logp[0] - want).abs().max() <= 1e-4 * max(1.0, float(want.abs().max()))
     assert 0.5 * (logp[1].exp() - want.exp()).abs().sum() > 0.1  # no attention edges: a different output
 
 
@@ -50,7 +58,7 @@ def test_strace_beats_random_on_real_passages(smollm2):
     for text in PASSAGES:
         res = ts.strace(smollm2, text, conditions=["only", "random"])
         assert float(res.nucleus[-1]) == 99.0
-        assert float(res.tv[-1]) < 1e-4
+        assert float(res.tv[-1]) < 1e-4  # TV is a probability mass in [0, 1]: 1e-4 is relative already
         tv, rnd = res.tv.numpy()[window], res.curve("tv", "random").numpy()[window]
         wins += int((tv < rnd).sum())
         total += int(window.sum())
