@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -672,6 +673,30 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+_MD_ENTITIES = (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"))
+_MD_PUNCT = re.compile(r"([\\`*_\[\]|~#])")
+_MD_BLOCK_START = re.compile(r"^(\s*(?:\d+)?)([-+=.)])")
+
+
+def markdown_text(text: object) -> str:
+    """``text`` as literal Markdown inline text: copied text (model names, directories, tokens,
+    passage text, reasons) can neither format, link, break a table nor inject HTML.
+
+    ``&``, ``<`` and ``>`` become entities (so no raw HTML or autolink survives); Markdown's active
+    punctuation (backslash, backtick, ``*``, ``_``, ``[``, ``]``, ``|``, ``~``, ``#``) is
+    backslash-escaped; line breaks become spaces, and a leading list/heading marker (``-``, ``+``,
+    ``=``, ``1.``) is escaped so a paragraph stays a paragraph.
+
+    >>> markdown_text("<script>alert(1)</script> | *x* [a](b)")
+    '&lt;script&gt;alert(1)&lt;/script&gt; \\\\| \\\\*x\\\\* \\\\[a\\\\](b)'
+    """
+    s = " ".join(str(text).splitlines())
+    for ch, ent in _MD_ENTITIES:
+        s = s.replace(ch, ent)
+    s = _MD_PUNCT.sub(r"\\\1", s)
+    return _MD_BLOCK_START.sub(lambda m: m.group(1) + "\\" + m.group(2), s, count=1)
+
+
 class _Doc:
     """A report built once and written as HTML (self-contained) and/or Markdown."""
 
@@ -723,19 +748,24 @@ class _Doc:
         return "\n".join(out)
 
     def markdown(self, assets: Path) -> str:
+        # Every text is escaped (markdown_text): run names carry the model name, and tables copy
+        # directories, data sources and skip reasons, which may quote passage text.
         def cell(v: Any) -> str:
-            return _fmt(v).replace("|", "\\|").replace("\n", " ")
+            if isinstance(v, (bool, int, float, np.number)):
+                return _fmt(v)  # digits, '.', '-', 'e', 'inf', '–': nothing Markdown acts on inside a cell
+            return markdown_text(_fmt(v))
 
-        out = [f"# {self.title}", ""]
+        md = markdown_text
+        out = [f"# {md(self.title)}", ""]
         for kind, x in self.blocks:
             if kind == "h":
-                out += [f"## {x}", ""]
+                out += [f"## {md(x)}", ""]
             elif kind == "p":
-                out += [x, ""]
+                out += [md(x), ""]
             elif kind == "table":
                 df, cap = x
                 if cap:
-                    out += [f"*{cap}*", ""]
+                    out += [f"*{md(cap)}*", ""]
                 out.append("| " + " | ".join(cell(c) for c in df.columns) + " |")
                 out.append("|" + "---|" * len(df.columns))
                 out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
@@ -744,7 +774,10 @@ class _Doc:
                 png, name, cap = x
                 assets.mkdir(parents=True, exist_ok=True)
                 (assets / f"{name}.png").write_bytes(png)
-                out += [f"![{cap}]({assets.name}/{name}.png)", "", f"*{cap}*", ""]
+                from urllib.parse import quote
+
+                src = quote(f"{assets.name}/{name}.png")  # the directory is the user's --out: spaces, ')'...
+                out += [f"![{md(cap)}]({src})", "", f"*{md(cap)}*", ""]
         return "\n".join(out)
 
 

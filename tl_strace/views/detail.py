@@ -67,12 +67,22 @@ def circuitsvis_bundle() -> str:
 @dataclass(frozen=True)
 class CircuitsvisFigure:
     """One circuitsvis component with its props, a title and a note. Displays itself in Jupyter
-    (bundle included); several render together with :func:`figures_html` (bundle included once)."""
+    (bundle included); several render together with :func:`figures_html` (bundle included once).
+
+    A figure with ``component=""`` has nothing to draw (e.g. no attention edges at the chosen size):
+    it renders as its title and note only, with no circuitsvis call, since circuitsvis components
+    throw in the browser on empty data (``AttentionHeads`` with no heads: ``reading 'map'``).
+    """
 
     component: str
     props: dict[str, Any]
     title: str
     note: str = ""
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to draw: the figure is its title and note."""
+        return not self.component
 
     def _repr_html_(self) -> str:
         return figures_html([self])
@@ -87,11 +97,17 @@ def figures_html(figures: list[CircuitsvisFigure], *, bundle: bool = True) -> st
 
     Element ids are derived from each figure's content, so equal figures give equal HTML. With
     ``bundle=False`` the caller promises the page already loads the bundle before these scripts.
+    Empty figures (:attr:`CircuitsvisFigure.empty`) render as their title and note, with no script;
+    the bundle is left out when every figure is empty.
     """
     parts = []
-    if bundle:
+    if bundle and not all(fig.empty for fig in figures):
         parts.append(f"<script>{circuitsvis_bundle()}</script>")
     for i, fig in enumerate(figures):
+        if fig.empty:
+            parts.append(f'<div class="tls-cv tls-cv-empty"><div class="tls-pt"><b>{esc(fig.title)}</b></div>'
+                         f'<div class="tls-note">{esc(fig.note)}</div></div>')
+            continue
         props = script_json(fig.props)
         fid = content_id("tls-cv", fig.component, props, str(i))
         parts.append(f'<div class="tls-cv"><div class="tls-pt"><b>{esc(fig.title)}</b></div>'
@@ -116,11 +132,12 @@ def _check_model(model: Any, res: StraceResult) -> Any:
 
 def model_patterns(model: Any, res: StraceResult) -> Float[Tensor, "layer head pos pos_src"]:
     """The clean attention patterns of ``res``'s input, recomputed with one forward pass."""
-    from tl_strace.model import clean_run
+    from tl_strace.model import clean_run, exclusive
 
-    spec = _check_model(model, res)
-    device = next(iter(model.parameters())).device
-    run = clean_run(model, spec, res.tokens.to(device))
+    with exclusive(model):  # one call at a time per model, checks included (tl_strace.model.exclusive)
+        spec = _check_model(model, res)
+        device = next(iter(model.parameters())).device
+        run = clean_run(model, spec, res.tokens.to(device))
     return run.pattern.cpu()
 
 
@@ -160,6 +177,13 @@ def attention_patterns(model: Any, res: StraceResult, s: float | None = None, *,
     order = [int(c) for c in torch.argsort(w, descending=True, stable=True).tolist() if float(w[c]) > 0][:max_heads]
     kept = restricted_patterns(res, pattern.float(), float(res.sizes[k]))
     heads = sorted(order)
+    if not heads:  # circuitsvis's AttentionHeads throws on an empty list: draw the sentence instead
+        size = float(res.sizes[k])
+        with_attn = [float(res.sizes[j]) for j in range(int(res.sizes.numel()))
+                     if bool((st.weight[j, : L * H] > 0).any())]
+        hint = f" (the smallest with attention edges is s = {with_attn[0]:g})" if with_attn else ""
+        return CircuitsvisFigure("", {}, title=f"Attention patterns restricted to the trace at s = {size:g}",
+                                 note=f"No attention edges at s = {size:g}; choose a larger s{hint}.")
     att = torch.stack([kept[c // H, c % H] for c in heads]) if heads else torch.zeros(0, st.token_flow.shape[1],
                                                                                         st.token_flow.shape[1])
     names = [f"L{c // H}H{c % H} ({int(st.n_edges[k, c])} edges)" for c in heads]
