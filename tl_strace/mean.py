@@ -13,9 +13,11 @@ replaces). Two kinds of mean are kept:
   It can only serve inputs no longer than the longest reference sequence (the *covered*
   positions); :meth:`MeanCache.values` refuses longer inputs with a message saying so.
 
-A :class:`MeanCache` names the model and the hook shapes it was computed on, and is checked
-against the model before use (a cache from another model is refused, not silently broadcast).
-It is stored as one ``.safetensors`` file with JSON metadata, so loading one never runs code.
+A :class:`MeanCache` names the model, the hook shapes and the weights it was computed on (the
+:func:`~tl_strace.model.weights_fingerprint` of the model), and is checked against the model before
+use: a cache from another model, or from another checkpoint of the same architecture, is refused,
+not silently broadcast. It is stored as one ``.safetensors`` file with JSON metadata and a checksum
+of its content, so loading one never runs code and a damaged or edited file is refused.
 
 >>> means = compute_means(model, ["The cat sat on the mat.", "It rained all day."])  # doctest: +SKIP
 >>> means.save("means.safetensors"); MeanCache.load("means.safetensors")             # doctest: +SKIP
@@ -48,6 +50,8 @@ from tl_strace.model import (
     prepare_tokens,
     require_ready,
     run_hooked,
+    serialised,
+    weights_fingerprint,
 )
 from tl_strace.store import read_tensors, write_tensors
 
@@ -70,15 +74,17 @@ Reference = str | Tensor | Sequence[str] | Sequence[Tensor] | Sequence[Sequence[
 """A reference corpus: one text, texts, a ``[n, pos]`` token tensor, or token sequences of any lengths."""
 
 
-def _per_layer_shape(role: str, spec: ModelSpec) -> tuple[int, ...]:
-    """Shape of one position of ``role``'s hook in one block (batch and position axes removed)."""
+def _per_layer_shape(role: str, spec: ModelSpec | dict[str, Any]) -> tuple[int, ...]:
+    """Shape of one position of ``role``'s hook in one block (batch and position axes removed);
+    ``spec`` may also be a cache's stored model identity (a dict)."""
+    get = spec.get if isinstance(spec, dict) else lambda k: getattr(spec, k)
     shapes = {
-        "z": (spec.n_heads, spec.d_head),
-        "v": (spec.n_kv_heads, spec.d_head),
-        "mlp_out": (spec.d_model,),
-        "attn_out": (spec.d_model,),
-        "resid_pre": (spec.d_model,),
-        "resid_post": (spec.d_model,),
+        "z": (get("n_heads"), get("d_head")),
+        "v": (get("n_kv_heads"), get("d_head")),
+        "mlp_out": (get("d_model"),),
+        "attn_out": (get("d_model"),),
+        "resid_pre": (get("d_model"),),
+        "resid_post": (get("d_model"),),
     }
     if role not in shapes:
         raise InputError(f"Means can be computed for the hook roles {sorted(shapes)}; got {role!r}.")
@@ -97,7 +103,10 @@ class MeanCache:
     per-position mean ``[layer, covered_pos, *shape]``, where ``pos_counts[t]`` reference sequences
     reach position ``t`` (all ≥ 1). ``model`` names the model and its shapes, ``hooks`` the
     TransformerLens hook name of each role (``{l}`` = block), ``fingerprint`` the SHA-256 of the
-    reference tokens (it decides whether a saved cache can be reused for a corpus).
+    reference tokens (it decides whether a saved cache can be reused for a corpus), and
+    ``model_fingerprint`` the :func:`~tl_strace.model.weights_fingerprint` of the model the means
+    were computed on (``None`` only for caches written before it was recorded: those cannot be
+    tied to weights).
     """
 
     model: dict[str, Any]
@@ -110,6 +119,7 @@ class MeanCache:
     fingerprint: str
     prepend_bos: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    model_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         if set(self.means) != set(self.pos_means) or set(self.means) != set(self.hooks):
@@ -128,9 +138,16 @@ class MeanCache:
         """How many leading positions have a per-position mean (the longest reference sequence)."""
         return int(self.pos_counts.numel())
 
-    def check_model(self, spec: ModelSpec, roles: Sequence[str] = DEFAULT_ROLES) -> None:
+    def check_model(self, spec: ModelSpec, roles: Sequence[str] = DEFAULT_ROLES, *, model: Any = None,
+                    fingerprint: str | None = None) -> None:
         """Refuse (:class:`InputError`) a cache computed on another model, or lacking ``roles``,
-        or whose hook names or shapes differ from what ``spec`` expects."""
+        or whose hook names or shapes differ from what ``spec`` expects.
+
+        With ``model`` (or its precomputed ``fingerprint``), also refuse a cache computed on other
+        weights: another checkpoint or fine-tune of the same architecture has the same name and
+        shapes, so only :func:`~tl_strace.model.weights_fingerprint` tells them apart. A cache that
+        records no weights (written before they were recorded) is accepted with a logged warning.
+        """
         mine = _model_identity(spec)
         theirs = {k: self.model.get(k) for k in mine}
         if theirs != mine:
@@ -151,6 +168,21 @@ class MeanCache:
                     f"this model needs {want_hook!r} with shape [{','.join(map(str, want_shape))}]. "
                     "Recompute it with tl_strace.compute_means(model, reference)."
                 )
+        if model is not None or fingerprint is not None:  # same architecture: are they the same weights?
+            self._check_weights(fingerprint if fingerprint is not None else weights_fingerprint(model))
+
+    def _check_weights(self, fingerprint: str) -> None:
+        if self.model_fingerprint is None:
+            logger.warning("This mean cache (%s) does not record the weights it was computed on (written by an "
+                           "older tl_strace); it cannot be checked against the model. Recompute it with "
+                           "tl_strace.compute_means(model, reference).", self.model.get("name"))
+        elif self.model_fingerprint != fingerprint:
+            raise InputError(
+                f"This mean cache was computed on other weights than this model's: it was made by "
+                f"{self.model.get('name')!r} with weights fingerprint {self.model_fingerprint[:12]}…, this model's "
+                f"is {fingerprint[:12]}… (another checkpoint or fine-tune). Means only make sense for the weights "
+                "they were computed on: recompute them with tl_strace.compute_means(model, reference)."
+            )
 
     def values(self, role: str, n_pos: int, positions: str = "agnostic") -> Float[Tensor, "layer p *shape"]:
         """Means of ``role`` for an input of ``n_pos`` tokens: ``[layer, 1, *shape]`` position-agnostic,
@@ -174,41 +206,133 @@ class MeanCache:
         """Plain-JSON provenance, stored in results that used this cache."""
         return {"model": self.model.get("name"), "n_sequences": self.n_sequences, "n_tokens": self.n_tokens,
                 "covered_positions": self.covered_positions, "fingerprint": self.fingerprint,
-                "roles": sorted(self.means)}
+                "model_fingerprint": self.model_fingerprint, "roles": sorted(self.means)}
 
     # ------------------------------------------------------------------ storage
     def save(self, path: str | os.PathLike) -> None:
         """Write to one ``.safetensors`` file (tensors) with JSON metadata (model, hooks, corpus).
 
-        Written to a temporary file and renamed, so a crash never leaves half a cache behind.
+        Written to a temporary file and renamed, so a crash never leaves half a cache behind, with
+        a checksum of the content (verified by :meth:`load`).
         """
         tensors = {f"mean.{r}": t.contiguous().cpu() for r, t in self.means.items()}
         tensors |= {f"pos_mean.{r}": t.contiguous().cpu() for r, t in self.pos_means.items()}
         tensors["pos_counts"] = self.pos_counts.contiguous().cpu()
         meta = {"format_version": FORMAT_VERSION, "model": self.model, "hooks": self.hooks,
                 "n_sequences": self.n_sequences, "n_tokens": self.n_tokens, "fingerprint": self.fingerprint,
-                "prepend_bos": self.prepend_bos, "extra": self.extra}
-        write_tensors(path, tensors, _META_KEY, meta)
+                "prepend_bos": self.prepend_bos, "extra": self.extra, "model_fingerprint": self.model_fingerprint}
+        write_tensors(path, tensors, _META_KEY, meta, what="tl_strace mean cache")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "MeanCache":
-        """Read a cache written by :meth:`save` (no code is executed: safetensors + JSON)."""
+        """Read a cache written by :meth:`save` (no code is executed: safetensors + JSON), checked.
+
+        The file's checksum is verified, then its schema (:func:`_check_cache_file`): roles and the
+        hooks table, tensor dtypes and shapes against the stored model identity, finite means,
+        counts. Files written before checksums existed (the 0.1.0 release) have none and are
+        checked by schema only. Every problem is a :class:`ResultsError` naming the file and field.
+        """
         path = os.fspath(path)
         meta, tensors = read_tensors(  # another format, e.g. a StraceResult, lacks the key
             path, _META_KEY, what="tl_strace mean cache",
             missing=f"No mean cache at {path!r}; create one with tl_strace.compute_means(model, reference, path=...).")
-        if meta.pop("format_version", None) != FORMAT_VERSION:
+        if not isinstance(meta, dict) or meta.pop("format_version", None) != FORMAT_VERSION:
             raise ResultsError(f"{path!r} was written by an incompatible tl_strace version; recompute it.")
-        roles = sorted(meta["hooks"])
         try:
-            return cls(model=meta["model"], hooks=meta["hooks"],
-                       means={r: tensors[f"mean.{r}"] for r in roles},
-                       pos_means={r: tensors[f"pos_mean.{r}"] for r in roles},
-                       pos_counts=tensors["pos_counts"].long(), n_sequences=int(meta["n_sequences"]),
-                       n_tokens=int(meta["n_tokens"]), fingerprint=str(meta["fingerprint"]),
-                       prepend_bos=meta.get("prepend_bos"), extra=meta.get("extra") or {})
-        except KeyError as e:
-            raise ResultsError(f"{path!r} is an incomplete mean cache (missing {e}).") from e
+            _check_cache_file(meta, tensors)
+        except _Bad as e:
+            raise ResultsError(f"{path!r} is not a valid tl_strace mean cache ({e}); it was edited or damaged after "
+                               "it was written: recompute it with tl_strace.compute_means(model, reference).") from e
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:  # a value of an unexpected kind
+            raise ResultsError(f"{path!r} is not a valid tl_strace mean cache ({type(e).__name__}: {e}); recompute it "
+                               "with tl_strace.compute_means(model, reference).") from e
+        roles = sorted(meta["hooks"])
+        return cls(model=meta["model"], hooks=meta["hooks"],
+                   means={r: tensors[f"mean.{r}"] for r in roles},
+                   pos_means={r: tensors[f"pos_mean.{r}"] for r in roles},
+                   pos_counts=tensors["pos_counts"].long(), n_sequences=meta["n_sequences"],
+                   n_tokens=meta["n_tokens"], fingerprint=meta["fingerprint"],
+                   prepend_bos=meta.get("prepend_bos"), extra=meta.get("extra") or {},
+                   model_fingerprint=meta.get("model_fingerprint"))
+
+
+class _Bad(Exception):
+    """One schema violation of a mean cache file: the field and what is wrong."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"{name}: {problem}")
+
+
+def _is_sha256(x: Any) -> bool:
+    return isinstance(x, str) and len(x) == 64 and all(ch in "0123456789abcdef" for ch in x)
+
+
+def _is_pos_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def _check_cache_file(meta: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    """Raise :class:`_Bad` at the first field of a mean cache file that is ill-typed or inconsistent."""
+    known = {"model", "hooks", "n_sequences", "n_tokens", "fingerprint", "prepend_bos", "extra", "model_fingerprint"}
+    for k in ("model", "hooks", "n_sequences", "n_tokens", "fingerprint"):
+        if k not in meta:
+            raise _Bad(k, "is missing")
+    if set(meta) - known:
+        raise _Bad(", ".join(sorted(set(meta) - known)), "is not a field of a mean cache")
+    model = meta["model"]
+    ints = ("n_layers", "n_heads", "n_kv_heads", "d_head", "d_model")
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+        raise _Bad("model", f"must name the model and its shapes {list(ints)}")
+    for k in ints:
+        if not _is_pos_int(model.get(k)):
+            raise _Bad(f"model.{k}", f"must be a positive integer, got {model.get(k)!r}")
+    hooks = meta["hooks"]
+    if not isinstance(hooks, dict) or not hooks:
+        raise _Bad("hooks", "must map at least one role to its hook name")
+    for role, hook in hooks.items():
+        if role not in HOOKS or hook != HOOKS[role]:
+            raise _Bad("hooks", f"maps {role!r} to {hook!r}; the known roles are {dict(HOOKS)}")
+        try:
+            _per_layer_shape(role, model)
+        except InputError as e:
+            raise _Bad("hooks", f"role {role!r} has no means") from e
+    for k in ("n_sequences", "n_tokens"):
+        if not _is_pos_int(meta[k]):
+            raise _Bad(k, f"must be a positive integer, got {meta[k]!r}")
+    if not _is_sha256(meta["fingerprint"]):
+        raise _Bad("fingerprint", f"must be a SHA-256 hex digest, got {meta['fingerprint']!r}")
+    if meta.get("model_fingerprint") is not None and not _is_sha256(meta["model_fingerprint"]):
+        raise _Bad("model_fingerprint", f"must be a SHA-256 hex digest or null, got {meta['model_fingerprint']!r}")
+    if meta.get("prepend_bos") not in (None, True, False):
+        raise _Bad("prepend_bos", f"must be true, false or null, got {meta['prepend_bos']!r}")
+    if not isinstance(meta.get("extra") or {}, dict):
+        raise _Bad("extra", "must be a dict")
+    want = {f"mean.{r}" for r in hooks} | {f"pos_mean.{r}" for r in hooks} | {"pos_counts"}
+    if want - set(tensors):
+        raise _Bad(", ".join(sorted(want - set(tensors))), "is missing from the tensors")
+    if set(tensors) - want:
+        raise _Bad(", ".join(sorted(set(tensors) - want)), "is not a tensor of this cache's roles")
+    counts = tensors["pos_counts"]
+    if counts.dtype not in (torch.int64, torch.int32) or counts.ndim != 1 or counts.numel() < 1:
+        raise _Bad("pos_counts", f"must be a 1-D integer tensor, got {_fmt(counts)}")
+    c = counts.long()
+    # sequences reaching position t: at least one, never more at a later position, all of them at 0
+    if (bool((c < 1).any()) or bool((c[1:] > c[:-1]).any()) or int(c[0]) != meta["n_sequences"]
+            or int(c.sum()) != meta["n_tokens"]):
+        raise _Bad("pos_counts", f"must count the {meta['n_sequences']} sequences reaching each position (≥ 1, "
+                                 f"non-increasing, summing to n_tokens = {meta['n_tokens']})")
+    P = int(c.numel())
+    for role in hooks:
+        shape = (model["n_layers"], *_per_layer_shape(role, model))
+        for name, want_shape in ((f"mean.{role}", shape), (f"pos_mean.{role}", (shape[0], P, *shape[1:]))):
+            t = tensors[name]
+            if t.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+                raise _Bad(name, f"must be a float tensor, got {_fmt(t)}")
+            if tuple(t.shape) != want_shape:
+                raise _Bad(name, f"has shape {_fmt(t)}, but model {model['name']!r} over {P} covered positions "
+                                 f"needs [{','.join(map(str, want_shape))}]")
+            if not bool(torch.isfinite(t).all()):
+                raise _Bad(name, "must hold finite means")
 
 
 def _fmt(t: Tensor) -> str:
@@ -261,6 +385,20 @@ def _fingerprint(seqs: Sequence[Tensor], roles: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def _refuse_other_model(cached: MeanCache, spec: ModelSpec, wfp: str, path: str | os.PathLike) -> None:
+    """Refuse to overwrite (or reuse) a cache file holding means of another model."""
+    mine = _model_identity(spec)
+    other_weights = cached.model_fingerprint is not None and cached.model_fingerprint != wfp
+    if other_weights or {k: cached.model.get(k) for k in mine} != mine:
+        theirs = f"{cached.model.get('name')!r}" + (f", weights fingerprint {cached.model_fingerprint[:12]}…"
+                                                     if cached.model_fingerprint else "")
+        raise InputError(
+            f"The mean cache {os.fspath(path)!r} holds means of another model ({theirs}; this model is "
+            f"{spec.name!r}, weights fingerprint {wfp[:12]}…). Pass another path= for this model's means, or "
+            "delete the file to recompute it."
+        )
+
+
 class _SumHook:
     """Adds the batch sum of a hook's activations into ``sums[layer, :T]`` (a module-level callable,
     not a closure, so it is defined once)."""
@@ -272,6 +410,7 @@ class _SumHook:
         self.sums[self.layer, : self.n_pos] += x.detach().to(torch.float64).sum(0)
 
 
+@serialised
 def compute_means(model: Any, reference: Reference, *, roles: Sequence[str] = DEFAULT_ROLES,
                   path: str | os.PathLike | None = None, prepend_bos: bool | None = None,
                   batch_size: int = 16) -> MeanCache:
@@ -282,8 +421,12 @@ def compute_means(model: Any, reference: Reference, *, roles: Sequence[str] = DE
         reference: texts (each tokenized with the model's ``to_tokens``), a ``[n, pos]`` token
             tensor, or token sequences of any lengths. Sequences of equal length are batched.
         roles: hook roles (keys of :data:`tl_strace.model.HOOKS`); default ``("z", "mlp_out")``.
-        path: a ``.safetensors`` cache file. If it holds means of this model over exactly this
-            corpus (same tokens, same roles), they are loaded instead of recomputed; otherwise they
+        path: a ``.safetensors`` cache file. If it holds means of this model (same weights, by
+            :func:`~tl_strace.model.weights_fingerprint`) over exactly this corpus (same tokens,
+            same roles), they are loaded instead of recomputed. If it holds means of *another*
+            model (another architecture, checkpoint or fine-tune), :class:`InputError` is raised
+            and the file is kept: pass another path or delete it. Otherwise (another corpus or
+            roles, a damaged file, or a cache written before weights were recorded) the means
             are computed and written there.
         prepend_bos: passed to ``model.to_tokens`` for texts.
         batch_size: sequences per forward pass.
@@ -299,15 +442,24 @@ def compute_means(model: Any, reference: Reference, *, roles: Sequence[str] = DE
     require_ready(model)
     seqs = reference_tokens(model, spec, reference, prepend_bos=prepend_bos)
     fp = _fingerprint(seqs, roles)
+    wfp = weights_fingerprint(model)
     if path is not None and os.path.exists(path):
         try:
-            cached = MeanCache.load(path)
-            cached.check_model(spec, roles)
-            if cached.fingerprint == fp:
-                return cached
-            logger.warning("Mean cache %s was computed on another reference corpus; recomputing.", path)
-        except (ResultsError, InputError) as e:
+            cached: MeanCache | None = MeanCache.load(path)
+        except ResultsError as e:
             logger.warning("Mean cache %s cannot be reused (%s); recomputing.", path, e)
+            cached = None
+        if cached is not None:
+            _refuse_other_model(cached, spec, wfp, path)
+            try:
+                if cached.model_fingerprint is None:
+                    raise InputError("it does not record the weights it was computed on (an older tl_strace)")
+                cached.check_model(spec, roles)
+                if cached.fingerprint == fp:
+                    return cached
+                logger.warning("Mean cache %s was computed on another reference corpus; recomputing.", path)
+            except InputError as e:
+                logger.warning("Mean cache %s cannot be reused (%s); recomputing.", path, e)
 
     L = spec.n_layers
     P = max(int(s.numel()) for s in seqs)
@@ -337,7 +489,7 @@ def compute_means(model: Any, reference: Reference, *, roles: Sequence[str] = DE
         means[r] = (sums[r].sum(1) / n_tokens).to(dtype).cpu()
     cache = MeanCache(model=_model_identity(spec), hooks={r: HOOKS[r] for r in roles}, means=means,
                       pos_means=pos_means, pos_counts=counts.cpu(), n_sequences=len(seqs), n_tokens=n_tokens,
-                      fingerprint=fp, prepend_bos=prepend_bos)
+                      fingerprint=fp, prepend_bos=prepend_bos, model_fingerprint=wfp)
     if path is not None:
         cache.save(path)
     return cache

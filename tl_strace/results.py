@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, fields
+from fractions import Fraction
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from tl_strace.ablation import CONDITIONS
 from tl_strace.density import (
     RECOVERY_LEVELS,
     auc_linear,
@@ -27,7 +30,7 @@ from tl_strace.density import (
 )
 from tl_strace.errors import InputError, ResultsError
 from tl_strace.graph import EDGE_TYPE_NAMES, EdgeLayout
-from tl_strace.search import target_counts
+from tl_strace.search import NOT_IN_ANY, check_sizes, target_counts
 from tl_strace.store import read_tensors, write_tensors
 
 __all__ = ["FORMAT_VERSION", "StraceResult", "Subgraph"]
@@ -130,6 +133,212 @@ class Subgraph:
         is_mlp = df["component"].astype(str).str.startswith("MLP").to_numpy(dtype=bool)
         total = np.where(is_mlp, np.where(last, 1, T), np.where(last, T, T * (T + 1) // 2)).astype(np.int64)
         return df.assign(n_edges_total=total, share=df["n_edges"].to_numpy(dtype=np.float64) / np.maximum(total, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema validation (shared by StraceResult.load and StraceResult.validate)
+# ---------------------------------------------------------------------------------------------
+_TOKEN_METHODS = ("strace", "threshold", "nucleus")
+_KNOWN_METHODS = (*_TOKEN_METHODS, "component")
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_CURVES = ("tv_all", "kl_all", "nucleus_all", "entropy_all", "ce_all", "target_rank_all")
+
+
+class _Bad(Exception):
+    """One schema violation: the field and what is wrong with it (turned into a ResultsError)."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"{name}: {problem}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _tensor(res: Any, name: str, dtypes: tuple[torch.dtype, ...], shape: tuple[int, ...] | None = None,
+            ndim: int | None = None) -> Tensor:
+    t = getattr(res, name)
+    if not isinstance(t, Tensor):
+        raise _Bad(name, f"must be a tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise _Bad(name, f"has dtype {t.dtype}, expected one of {[str(d) for d in dtypes]}")
+    if ndim is not None and t.ndim != ndim:
+        raise _Bad(name, f"has shape {list(t.shape)}, expected {ndim} dimensions")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise _Bad(name, f"has shape {list(t.shape)}, expected {list(shape)}")
+    return t
+
+
+def _str_list(x: Any, name: str, n: int | None = None) -> list[str]:
+    if not isinstance(x, list) or not all(isinstance(s, str) for s in x):
+        raise _Bad(name, "must be a list of strings")
+    if n is not None and len(x) != n:
+        raise _Bad(name, f"has {len(x)} entries, expected {n}")
+    return x
+
+
+def _check_result(res: Any) -> None:
+    """Raise :class:`_Bad` at the first field of ``res`` that is ill-typed or inconsistent."""
+    # ---- model and config
+    m = res.model
+    if not isinstance(m, dict):
+        raise _Bad("model", f"must be a dict, got {type(m).__name__}")
+    for k in ("n_layers", "n_heads"):
+        if not _is_int(m.get(k)) or m[k] < 1:
+            raise _Bad(f"model.{k}", f"must be a positive integer, got {m.get(k)!r}")
+    for k in ("n_kv_heads", "d_head", "d_model", "d_mlp", "d_vocab", "n_ctx"):
+        if k in m and not (_is_int(m[k]) and m[k] >= 1):
+            raise _Bad(f"model.{k}", f"must be a positive integer, got {m[k]!r}")
+    if not isinstance(m.get("name", ""), str):
+        raise _Bad("model.name", f"must be a string, got {m['name']!r}")
+    cfg = res.config
+    if not isinstance(cfg, dict):
+        raise _Bad("config", f"must be a dict, got {type(cfg).__name__}")
+    method = cfg.get("method")
+    if method not in _KNOWN_METHODS:
+        raise _Bad("config.method", f"is {method!r}, not one of the known methods {list(_KNOWN_METHODS)}")
+    gran = cfg.get("granularity", "token")
+    if gran not in ("token", "component") or (gran == "component") != (method == "component"):
+        raise _Bad("config.granularity", f"is {gran!r}, which does not match method {method!r}")
+    component = gran == "component"
+    if not isinstance(res.timings, dict) or not all(isinstance(k, str) and _is_num(v) for k, v in res.timings.items()):
+        raise _Bad("timings", "must map names to numbers of seconds")
+    # ---- input
+    toks = _str_list(res.str_tokens, "str_tokens")
+    T = len(toks)
+    if T < 1:
+        raise _Bad("str_tokens", "is empty")
+    tokens = _tensor(res, "tokens", _INT_DTYPES, ndim=1)
+    if tokens.numel() != T:
+        raise _Bad("str_tokens", f"has {T} entries but tokens has {tokens.numel()}")
+    vocab = m.get("d_vocab")
+    if tokens.numel() and (int(tokens.min()) < 0 or (vocab is not None and int(tokens.max()) >= vocab)):
+        raise _Bad("tokens", f"holds ids outside the vocabulary [0, {vocab})")
+    if res.target is not None and not (_is_int(res.target) and res.target >= 0
+                                       and (vocab is None or res.target < vocab)):
+        raise _Bad("target", f"must be None or a token id in [0, {vocab}), got {res.target!r}")
+    conds = res.conditions
+    if (not isinstance(conds, tuple) or not conds or len(set(conds)) != len(conds)
+            or any(c not in CONDITIONS for c in conds) or "only" not in conds):
+        raise _Bad("conditions", f"must be distinct names from {list(CONDITIONS)} including 'only', got {conds!r}")
+    C = len(conds)
+    # ---- strata
+    if not _is_int(res.n_edges) or res.n_edges < 1:
+        raise _Bad("n_edges", f"must be a positive integer, got {res.n_edges!r}")
+    E = res.n_edges
+    if component:
+        if "n_components" in cfg and cfg["n_components"] != E:
+            raise _Bad("n_edges", f"is {E} but config.n_components is {cfg['n_components']!r}")
+        size = E
+    else:
+        layout = EdgeLayout(int(m["n_layers"]), int(m["n_heads"]), T)
+        if E != layout.n_edges_formula():
+            raise _Bad("n_edges", f"is {E} but a {m['n_layers']}-layer, {m['n_heads']}-head graph over {T} "
+                                  f"tokens has {layout.n_edges_formula()} edges")
+        size = layout.size
+    sizes = _tensor(res, "sizes", _FLOAT_DTYPES, ndim=1)
+    K = int(sizes.numel())
+    if K < 1:
+        raise _Bad("sizes", "is empty")
+    s = sizes.double()
+    strict = method in ("strace", "component")
+    steps = s[1:] - s[:-1]
+    # s-Trace / component sizes are targets σ in (0, 1], strictly increasing; threshold / nucleus sizes
+    # are realised sizes counts/|E|, which may be 0 (an empty stratum) and repeat.
+    if (not bool(torch.isfinite(s).all()) or bool((s <= 0).any() if strict else (s < 0).any())
+            or bool((s > 1).any()) or float(s[-1]) != 1.0 or bool((steps <= 0).any() if strict else (steps < 0).any())):
+        raise _Bad("sizes", f"must lie in {'(' if strict else '['}0, 1], {'strictly ' if strict else ''}increase and "
+                            f"end at 1.0 (the full graph), got {[round(float(x), 6) for x in s]}")
+    counts = _tensor(res, "counts", _INT_DTYPES, shape=(K,))
+    c = counts.long()
+    if bool((c < 0).any()) or bool((c[1:] < c[:-1]).any()) or int(c[-1]) != E:
+        raise _Bad("counts", f"must be non-decreasing edge counts ending at n_edges = {E}, got {c.tolist()}")
+    if method == "strace" or component:
+        want = (target_counts(s.tolist(), E) if method == "strace" else
+                [min(E, math.floor(Fraction(repr(float(x))) * E + Fraction(1, 10**9))) for x in s.tolist()])
+        slack = 0 if sizes.dtype == torch.float64 else 1  # float32 sizes: floor(σ·|E|) may move by one
+        if any(abs(a - b) > slack for a, b in zip(c.tolist(), want)):
+            raise _Bad("counts", f"are {c.tolist()} but sizes {s.tolist()} of {E} edges give {want}")
+    elif not torch.allclose(s, c.double() / E, rtol=1e-6, atol=0.0):
+        raise _Bad("sizes", f"must be counts / n_edges for method {method!r}")
+    params = _tensor(res, "params", _FLOAT_DTYPES, shape=(K,))
+    if strict and not torch.allclose(params.double(), s, rtol=1e-6, atol=0.0):
+        raise _Bad("params", f"must equal sizes for method {method!r}")
+    key = "sizes" if strict else "taus"
+    if cfg.get(key) is not None:
+        try:
+            given = torch.tensor(check_sizes(cfg[key]) if strict else [float(x) for x in cfg[key]], dtype=torch.float64)
+        except (InputError, TypeError, ValueError) as e:
+            raise _Bad(f"config.{key}", f"is not a list of numbers: {cfg[key]!r}") from e
+        if given.shape != params.shape or not torch.allclose(given, params.double(), rtol=1e-6, atol=0.0):
+            raise _Bad(f"config.{key}", f"{cfg[key]!r} does not match params {params.tolist()}")
+    # ---- curves
+    for name in _CURVES:
+        t = _tensor(res, name, _FLOAT_DTYPES, ndim=2)
+        if t.shape[0] != C:
+            raise _Bad("conditions", f"names {C} conditions {list(conds)} but {name} has {t.shape[0]} rows")
+        if t.shape[1] != K:
+            raise _Bad(name, f"has {t.shape[1]} strata, but sizes has {K}")
+    tv = res.tv_all.double()
+    if bool(torch.isnan(tv).any()) or bool((tv < -1e-4).any()) or bool((tv > 1 + 1e-4).any()):
+        raise _Bad("tv_all", "must lie in [0, 1] (a total variation)")  # 1e-4: float32 rounding of a sum of |p - q|
+    nuc = res.nucleus_all.double()
+    if bool(torch.isnan(nuc).any()) or bool((nuc < -1e-3).any()) or bool((nuc > 100 + 1e-3).any()):
+        raise _Bad("nucleus_all", "must lie in [0, 100] (a percentage)")
+    _tensor(res, "reaches_input_all", (torch.bool,), shape=(C, K))
+    top_ids = _tensor(res, "top_ids", _INT_DTYPES, ndim=3)
+    k = int(top_ids.shape[-1])
+    if tuple(top_ids.shape[:2]) != (C, K) or k < 1:
+        raise _Bad("top_ids", f"has shape {list(top_ids.shape)}, expected [{C}, {K}, top_k]")
+    if "top_k" in cfg and cfg["top_k"] != k:
+        raise _Bad("config.top_k", f"is {cfg['top_k']!r} but top_ids keeps {k} tokens")
+    _tensor(res, "top_probs", _FLOAT_DTYPES, shape=(C, K, k))
+    ts = res.top_strs
+    if not isinstance(ts, list) or len(ts) != C or any(not isinstance(r, list) or len(r) != K for r in ts):
+        raise _Bad("top_strs", f"must be {C} × {K} lists of {k} strings")
+    for row in ts:
+        for cell in row:
+            _str_list(cell, "top_strs", k)
+    _tensor(res, "full_top_ids", _INT_DTYPES, shape=(k,))
+    _tensor(res, "full_top_probs", _FLOAT_DTYPES, shape=(k,))
+    _str_list(res.full_top_strs, "full_top_strs", k)
+    for name in ("full_entropy", "full_ce", "full_target_rank"):
+        if not _is_num(getattr(res, name)):
+            raise _Bad(name, f"must be a number, got {getattr(res, name)!r}")
+    # ---- the trace over the edge space
+    labels = _tensor(res, "labels", _INT_DTYPES, shape=(size,))
+    rank = _tensor(res, "rank", _INT_DTYPES, shape=(size,))
+    weights = _tensor(res, "weights", _FLOAT_DTYPES, shape=(size,))
+    lab, rk = labels.long(), rank.long()
+    if component:
+        inside = torch.ones(size, dtype=torch.bool)
+    else:
+        inside = layout.ancestors()
+        if bool((lab[~inside] != NOT_IN_ANY).any()):
+            raise _Bad("labels", "gives a stratum to a slot that is not an edge of the graph")
+    li = lab[inside]
+    if bool((li < 0).any()) or bool((li >= K).any()):
+        raise _Bad("labels", f"must name strata 0..{K - 1} for every edge")
+    if torch.bincount(li, minlength=K).cumsum(0).tolist() != c.tolist():
+        raise _Bad("labels", f"do not give the stratum edge counts {c.tolist()}")
+    ranked = rk >= 0
+    if bool((rk < -1).any()) or bool((ranked & ~inside).any()):
+        raise _Bad("rank", "must be -1 or a search order, on edges of the graph only")
+    order = rk[ranked]
+    n = int(order.numel())
+    if n and (int(order.max()) >= n or not bool((torch.bincount(order, minlength=n) == 1).all())):
+        raise _Bad("rank", f"must number the {n} ranked edges 0..{n - 1}, each once")
+    first = torch.searchsorted(c, order, right=True).clamp(max=K - 1)
+    if not torch.equal(first, lab[ranked]) or bool((lab[inside & ~ranked] != K - 1).any()):
+        raise _Bad("rank", "disagrees with labels (stratum k must be the first counts[k] edges of the search)")
+    if bool(torch.isinf(weights).any()) or (not component and bool(torch.isnan(weights).any())):
+        # component scores are NaN for components a stopped greedy search never scored
+        raise _Bad("weights", "must be finite")
 
 
 @dataclass(frozen=True)
@@ -314,7 +523,10 @@ class StraceResult:
     def save(self, path: str | os.PathLike) -> None:
         """Write to one ``.safetensors`` file: tensors as tensors, the rest as JSON metadata.
 
-        Written to a temporary file and renamed, so a crash never leaves a half-written result.
+        Written to a temporary file and renamed, so a crash never leaves a half-written result; a
+        directory, device node or unwritable path is refused with
+        :class:`~tl_strace.fsutil.OutputPathError`. The file carries a SHA-256 checksum of its
+        content, verified by :meth:`load`.
         """
         tensors = {n: getattr(self, n).contiguous().cpu() for n in self._TENSORS}
         tensors["labels"] = tensors["labels"].clamp(max=torch.iinfo(torch.int32).max).to(torch.int32)
@@ -323,20 +535,63 @@ class StraceResult:
         meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._TENSORS}
         meta["conditions"] = list(self.conditions)
         meta["format_version"] = FORMAT_VERSION
-        write_tensors(path, tensors, "tl_strace", meta)
+        write_tensors(path, tensors, "tl_strace", meta, what="tl_strace result file")
+
+    def validate(self) -> None:
+        """Check every field's type, every tensor's dtype and shape, and the consistency between
+        fields (conditions and curve rows, strata across sizes/counts/params/curves, labels and rank
+        against the edge layout of the model and input, ``n_edges``, tokens, top tokens, method).
+
+        Raises :class:`ResultsError` naming the first field that is wrong. :meth:`load` runs it on
+        every file, so an edited file cannot load as a plausible result even if its checksum was
+        recomputed. Linear in the number of edge slots (tens of milliseconds for SmolLM2 at 100 tokens).
+        """
+        try:
+            _check_result(self)
+        except _Bad as e:
+            raise ResultsError(f"This StraceResult is inconsistent: {e}.") from e
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "StraceResult":
-        """Read a result written by :meth:`save` (no code is executed: safetensors + JSON)."""
+        """Read a result written by :meth:`save` (no code is executed: safetensors + JSON), checked.
+
+        The file's SHA-256 checksum is verified (a file modified or damaged after it was written is
+        refused), then its schema with :meth:`validate`. Files written before checksums existed
+        (the 0.1.0 release) have none: they load when their schema is valid. Every problem is a
+        :class:`ResultsError` naming the file and the field.
+        """
         path = os.fspath(path)
         meta, tensors = read_tensors(path, "tl_strace", what="tl_strace result file",
                                      missing=f"No result file at {path!r}.")
-        if meta.pop("format_version", None) != FORMAT_VERSION:
+        if not isinstance(meta, dict) or meta.pop("format_version", None) != FORMAT_VERSION:
             raise ResultsError(f"{path!r} was written by an incompatible tl_strace version.")
-        tensors["labels"] = tensors["labels"].long()
-        tensors["rank"] = tensors["rank"].long()
-        tensors["reaches_input_all"] = tensors["reaches_input_all"].bool()
-        meta["conditions"] = tuple(meta["conditions"])
+        try:
+            names = {f.name for f in fields(cls)} - set(cls._TENSORS)
+            for what, have, want, optional in (("metadata", set(meta), names, {"timings"}),
+                                               ("tensors", set(tensors), set(cls._TENSORS), set())):
+                if want - optional - have:
+                    raise _Bad(", ".join(sorted(want - optional - have)), f"is missing from the {what}")
+                if have - want:
+                    raise _Bad(", ".join(sorted(have - want)), f"is not a field of a result ({what})")
+            for n in ("labels", "rank"):  # stored as int32; a float would be truncated silently
+                if tensors[n].dtype not in (torch.int32, torch.int64):
+                    raise _Bad(n, f"has dtype {tensors[n].dtype}, expected int32")
+                tensors[n] = tensors[n].long()
+            reach = tensors["reaches_input_all"]
+            if reach.dtype not in (torch.uint8, torch.bool) or bool((reach.to(torch.uint8) > 1).any()):
+                raise _Bad("reaches_input_all", "must hold 0/1 flags (uint8)")
+            tensors["reaches_input_all"] = reach.bool()
+            if not isinstance(meta["conditions"], list):
+                raise _Bad("conditions", f"must be a list of names, got {meta['conditions']!r}")
+            meta["conditions"] = tuple(meta["conditions"])
+            meta.setdefault("timings", {})
+            _check_result(SimpleNamespace(**meta, **tensors))  # before construction (its type hints)
+        except _Bad as e:
+            raise ResultsError(f"{path!r} is not a valid tl_strace result ({e}); it was edited or damaged after "
+                               "it was written: recompute it or restore an intact copy.") from e
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:  # a value of an unexpected kind
+            raise ResultsError(f"{path!r} is not a valid tl_strace result ({type(e).__name__}: {e}); it was edited or "
+                               "damaged after it was written: recompute it or restore an intact copy.") from e
         return cls(**meta, **tensors)
 
     def __repr__(self) -> str:

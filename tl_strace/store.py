@@ -1,44 +1,113 @@
 """Safe on-disk storage shared by results and mean caches: tensors in a ``.safetensors`` file, the
-rest as JSON in its metadata. Writes are atomic (temporary file, then rename); reading never runs
-code."""
+rest as JSON in its metadata. Reading never runs code.
+
+Every file carries a SHA-256 checksum of its content (:func:`content_checksum`: each tensor's name,
+dtype, shape and bytes, in sorted order, then the canonical JSON of the metadata), stored in the
+safetensors metadata under :data:`CHECKSUM_KEY` and verified by :func:`read_tensors`, so a file
+damaged or edited after it was written is refused instead of loading as a plausible result.
+Files written before checksums existed (the 0.1.0 release) have no checksum: they are
+read, and the caller's schema validation is then their only check (logged as a warning).
+Writes go through :func:`tl_strace.fsutil.write_with`: atomic, never onto a directory or device
+node, no temporary file left behind on failure.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from tl_strace.errors import ResultsError
+from tl_strace.fsutil import write_with
 
-__all__ = ["read_tensors", "write_tensors"]
+__all__ = ["CHECKSUM_KEY", "content_checksum", "read_tensors", "write_tensors"]
+
+logger = logging.getLogger(__name__)
+
+CHECKSUM_KEY = "tl_strace_sha256"
+"""Safetensors metadata key holding the SHA-256 of a file's content (see :func:`content_checksum`)."""
 
 
-def write_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], key: str, meta: dict[str, Any]) -> None:
-    """Write ``tensors`` and ``meta`` (as JSON under metadata ``key``) to ``path``, atomically."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata={key: json.dumps(meta)})
-    os.replace(tmp, path)
+def _canonical_json(meta: Any) -> str:
+    """The JSON text a checksum covers: keys sorted, tuples as lists (what a JSON round trip gives)."""
+    return json.dumps(json.loads(json.dumps(meta)), sort_keys=True)
+
+
+def content_checksum(tensors: Mapping[str, Tensor], meta: Any) -> str:
+    """SHA-256 (hex) of a file's content: every tensor's name, dtype, shape and raw bytes, in sorted
+    name order, then the canonical JSON of ``meta`` (``json.dumps(..., sort_keys=True)``).
+
+    It depends only on the content, not on the file layout, so it is the same when computed on
+    the tensors before writing and on the tensors read back."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{len(name)}:{name}|{t.dtype}|{tuple(t.shape)}|{t.numel() * t.element_size()}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(b"meta|" + _canonical_json(meta).encode())
+    return h.hexdigest()
+
+
+def write_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], key: str, meta: dict[str, Any], *,
+                  what: str = "tl_strace file") -> None:
+    """Write ``tensors`` and ``meta`` (as JSON under metadata ``key``) to ``path``, atomically, with
+    the checksum of both under :data:`CHECKSUM_KEY`.
+
+    Raises :class:`~tl_strace.fsutil.OutputPathError` (one line, naming ``what`` and the path) when
+    the path is a directory or special file, its directory is missing or read-only, or the write
+    fails (full disk); no temporary file is left behind.
+    """
+    metadata = {key: json.dumps(meta), CHECKSUM_KEY: content_checksum(tensors, meta)}
+
+    def writer(tmp: Path) -> None:
+        try:
+            save_file(tensors, os.fspath(tmp), metadata=metadata)
+        except Exception as e:  # safetensors reports I/O failures (full disk) as SafetensorError
+            if type(e).__name__ == "SafetensorError":
+                raise OSError(str(e)) from e
+            raise
+
+    write_with(path, writer, what=what)
 
 
 def read_tensors(path: str | os.PathLike, key: str, *, what: str,
                  missing: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Read what :func:`write_tensors` wrote: ``(meta, tensors)``.
+    """Read what :func:`write_tensors` wrote: ``(meta, tensors)``, after verifying its checksum.
 
-    Raises :class:`ResultsError` with ``missing`` when there is no file, and saying the file is
-    not a ``what`` when it cannot be read or lacks the metadata ``key``.
+    Raises :class:`ResultsError` with ``missing`` when there is no file, saying the file is not a
+    ``what`` when it cannot be read or lacks the metadata ``key``, and saying it was modified or
+    damaged when its content no longer matches the checksum stored in it. A file without a checksum
+    (written before checksums existed) is returned with a logged warning; the caller's schema
+    validation is then its only check.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ResultsError(missing)
+    if os.path.isdir(path):
+        raise ResultsError(f"{path!r} is a directory, not a {what} file; give the path of the file.")
     try:
         with safe_open(path, framework="pt") as f:
-            meta = json.loads((f.metadata() or {})[key])
+            raw = f.metadata() or {}
+            meta = json.loads(raw[key])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # corrupt file, another format
         raise ResultsError(f"{path!r} is not a {what} ({type(e).__name__}: {e}).") from e
+    stored = raw.get(CHECKSUM_KEY)
+    if stored is None:
+        logger.warning("%s has no checksum (written by an older tl_strace); checked by its schema only.", path)
+    elif stored != content_checksum(tensors, meta):
+        raise ResultsError(
+            f"{path!r} was modified or damaged after it was written: its content no longer matches the SHA-256 "
+            f"checksum stored in it. Do not use it; restore an intact copy or recompute it."
+        )
     return meta, tensors
