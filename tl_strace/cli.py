@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,18 +21,19 @@ __all__ = ["COMMANDS", "main"]
 
 
 
-_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
-
-
 def _bytes(text: str) -> int:
-    """``2GiB`` / ``512MiB`` / ``1.5GB`` / a plain number of bytes → bytes (argparse type)."""
-    import re
+    """``2GiB`` / ``512MiB`` / ``1.5GB`` / ``2.5G`` / a plain number of bytes → bytes (argparse type).
 
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    unit = m.group(2).lower() if m else None
-    if m is None or unit not in _UNITS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 2GiB, 512MiB or a number of bytes")
-    return int(float(m.group(1)) * _UNITS[unit])
+    The same parser as the API's ``memory_budget`` (:func:`tl_strace.options.parse_bytes`), so the
+    command and the library accept the same units.
+    """
+    from tl_strace.errors import InputError
+    from tl_strace.options import parse_bytes
+
+    try:
+        return parse_bytes(text, name="--memory-budget")
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _fmt_s(s: float) -> str:
@@ -92,7 +94,13 @@ def _add_trace(p: argparse.ArgumentParser) -> None:
 
 def _run_trace(args: argparse.Namespace) -> int:
     import tl_strace as ts
+    from tl_strace.fsutil import check_output_path
 
+    # before the model is loaded: a missing or read-only directory, a directory, a device node
+    if args.save:
+        check_output_path(args.save, what="--save file")
+    if args.html:
+        check_output_path(args.html, what="--html file")
     model = ts.load_model(args.model)
     res = ts.strace(model, args.text, sizes=args.sizes, method=args.method, taus=args.taus, weights=args.weights,
                     conditions=args.conditions, target=args.target, seed=args.seed, batch_size=args.batch_size,
@@ -161,8 +169,25 @@ def _add_report(p: argparse.ArgumentParser) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from tl_strace.analysis import write_report
+    from pathlib import Path
 
+    from tl_strace.analysis import write_report
+    from tl_strace.fsutil import OutputPathError, check_output_path
+
+    # before the runs are read and the report built: can its files be written?
+    base = Path(args.out) if args.out else Path(args.dirs[0]) / "report"
+    if base.suffix in (".html", ".md"):
+        base = base.with_suffix("")
+    anc = base.parent
+    while not anc.exists() and anc.parent != anc:  # write_report creates missing directories
+        anc = anc.parent
+    if anc == base.parent:
+        for fmt in args.format:
+            check_output_path(base.with_suffix(f".{fmt}"), what="report file")
+    elif not anc.is_dir():
+        raise OutputPathError(f"Cannot write the report {str(base)!r}: {str(anc)!r} is not a directory.")
+    elif not os.access(anc, os.W_OK | os.X_OK):
+        raise OutputPathError(f"Cannot write the report {str(base)!r}: the directory {str(anc)!r} is not writable.")
     for path in write_report(args.dirs, args.out, formats=args.format, title=args.title):
         print(path)
     return 0
@@ -189,8 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command][2](args)
-    except StraceError as e:
-        print(f"tl-strace: error: {e}", file=sys.stderr)
+    except (StraceError, OSError) as e:  # our errors, and a write the OS refused (full disk, permissions)
+        if isinstance(e, OSError) and not isinstance(e, StraceError):
+            msg = f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e)
+        else:
+            msg = str(e)
+        print(f"tl-strace: error: {' '.join(msg.split())}", file=sys.stderr)
         return 2
 
 

@@ -43,10 +43,11 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,10 +59,14 @@ import torch
 from tl_strace._version import __version__
 from tl_strace.ablation import CONDITIONS
 from tl_strace.components import component_strace
-from tl_strace.errors import DecompositionError, InputError, ResultsError
+from tl_strace import memory as _memory
+from tl_strace import options
+from tl_strace.errors import DecompositionError, InputError, ResultsError, StraceError
+from tl_strace.fsutil import OutputPathError, atomic_write
 from tl_strace.io.datasets import DataIssue, Passage, PassageSet, load_passages
 from tl_strace.io.models import load_model
 from tl_strace.mean import compute_means
+from tl_strace.model import describe_model, model_dtype, prepare_tokens, weights_fingerprint
 from tl_strace.pipeline import strace
 from tl_strace.search import DEFAULT_SIZES
 
@@ -98,12 +103,22 @@ def _shard_name(rank: int) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write a run file with :func:`tl_strace.fsutil.atomic_write` (no temporary left on failure)."""
+    atomic_write(path, text, what="run file")
+
+
+def _digest(obj: Any) -> str:
+    """SHA-256 (hex) of the canonical JSON of ``obj`` (sorted keys, no spaces, NaN as ``NaN``).
+
+    Python's JSON writes floats with ``repr``, which reads back to the same float, so a record
+    read back from its line hashes to the same digest as when it was written."""
+    text = json.dumps(obj, sort_keys=True, ensure_ascii=False, allow_nan=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _sealed(obj: dict[str, Any]) -> dict[str, Any]:
+    """``obj`` with its checksum added under ``"sha256"`` (see :func:`_digest`)."""
+    return {**obj, "sha256": _digest({k: v for k, v in obj.items() if k != "sha256"})}
 
 
 def _versions() -> dict[str, str]:
@@ -167,6 +182,24 @@ class _Dist:
 
             dist.destroy_process_group()
 
+    def agree(self, msg: str | None) -> str | None:
+        """Every rank's error message (or None) → the first one, on every rank (rank-prefixed).
+
+        Each step where one rank alone may fail (its shard is locked by another process, its disk
+        is full, the ranks were started with different options) ends with this call instead of a
+        barrier, so that every rank raises the same one-line error and exits, instead of the others
+        waiting at the next barrier for a rank that has gone (a gloo traceback, or a hang)."""
+        if self.world <= 1:
+            return msg
+        import torch.distributed as dist
+
+        box: list[str | None] = [None] * self.world
+        dist.all_gather_object(box, msg)
+        for r, m in enumerate(box):
+            if m is not None:
+                return m if m.startswith("rank ") else f"rank {r} of {self.world}: {m}"
+        return None
+
     def broadcast_error(self, msg: str | None) -> str | None:
         """Share rank 0's error message (or None) with every rank, so all fail together."""
         if self.world <= 1:
@@ -180,7 +213,9 @@ class _Dist:
 
 # ============================================================================ configuration
 def _model_identity(model: Any, name: str | None) -> dict[str, Any]:
-    """What identifies a model for resuming: shape, dtype, and a hash of some of its weights."""
+    """What identifies a model for resuming: shape, dtype, and the fingerprint of every weight
+    tensor (:func:`tl_strace.model.weights_fingerprint`), so two checkpoints of one architecture
+    never share a run directory."""
     cfg = getattr(model, "cfg", None)
     ident: dict[str, Any] = {"argument": name}
     for k in ("model_name", "n_layers", "d_model", "n_heads", "d_vocab", "n_ctx"):
@@ -188,20 +223,33 @@ def _model_identity(model: Any, name: str | None) -> dict[str, Any]:
         ident[k] = v if isinstance(v, (int, float, str, type(None))) else str(v)
     params = list(model.parameters())
     ident["dtype"] = str(params[0].dtype) if params else None
-    h = hashlib.sha256()
-    for p in (params[:1] + params[-1:]) if params else []:
-        h.update(p.detach().flatten()[:65536].to("cpu", torch.float32).numpy().tobytes())
-    ident["weights_sha256"] = h.hexdigest()[:16]
+    ident["weights_fingerprint"] = weights_fingerprint(model)
     return ident
 
 
-def _check_sizes(sizes: Sequence[float] | None, name: str) -> list[float] | None:
-    if sizes is None:
-        return None
-    out = [float(s) for s in sizes]
-    if not out or any(not (0.0 < s <= 1.0) or not math.isfinite(s) for s in out):
-        raise InputError(f"{name} must be sizes in (0, 1]; got {list(sizes)}.")
-    return out
+def _legacy_weights_hash(model: Any) -> str:
+    """The identity run directories stored before weight fingerprints (``weights_sha256``: the first
+    64k values of the first and last parameter only); computed to compare with such a directory."""
+    params = list(model.parameters())
+    h = hashlib.sha256()
+    for p in (params[:1] + params[-1:]) if params else []:
+        h.update(p.detach().flatten()[:65536].to("cpu", torch.float32).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _model_diff(model: Any, ident: dict[str, Any], stored: dict[str, Any]) -> list[str]:
+    """How the model now differs from the one a run directory was made with ([] when the same).
+
+    The name it was loaded under may differ (a hub name, then its local copy); the weights may
+    not. A directory from before weight fingerprints is compared by its weaker hash."""
+    now = dict(ident)
+    if "weights_fingerprint" not in stored and "weights_sha256" in stored:
+        now.pop("weights_fingerprint")
+        now["weights_sha256"] = _legacy_weights_hash(model)
+    diff = [d for d in _diff(now, stored) if not d.startswith(("argument:", "model_name:"))]
+    if any(d.startswith(("weights_fingerprint:", "weights_sha256:")) for d in diff):
+        diff.insert(0, "other weights (another checkpoint of this architecture?)")
+    return diff
 
 
 def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
@@ -254,8 +302,13 @@ def _means(model: Any, passages: PassageSet, path: Path, dist: "_Dist") -> Any:
             break
         if not n_ctx or model.to_tokens(p.text, truncate=False).shape[-1] <= n_ctx:
             texts.append(p.text)
-    means = compute_means(model, texts, path=path) if dist.rank == 0 else None
-    dist.barrier()
+    means, exc = None, None
+    if dist.rank == 0:
+        try:
+            means = compute_means(model, texts, path=path)
+        except (StraceError, OSError) as e:
+            exc = e
+    _sync(dist, exc)  # the barrier: rank 0 has written the file (or every rank stops)
     return means if means is not None else compute_means(model, texts, path=path)
 
 
@@ -325,35 +378,277 @@ def _record(res: Any, p: Passage, index: int, record_sizes: Sequence[float], sec
     return _jsonable(rec)
 
 
-# ============================================================================ shards
-def _parse_line(line: bytes) -> dict[str, Any] | None:
+# ============================================================================ validation
+# Every file of a run directory is checked when it is read (load_run, and a resume): its schema
+# (types, lengths, ranges, consistency between fields) and, where the file carries one, its
+# checksum. A record of a shard carries ``"sha256"``: the digest of its canonical JSON without that
+# field (:func:`_digest`); run.json and unigram.json carry one over their whole content, each line
+# of data_issues.jsonl over itself. Directories written before checksums existed have none and are
+# checked by schema only; run.json says ``"checksums": "sha256"`` when every record must have one.
+_METHODS = ("strace", "threshold", "nucleus")
+_FIX_SHARD = "Delete that line to have its passage redone (or use another output directory)."
+_FIX_RUN = "It is not a tl_strace run directory, or it was damaged; use another output directory."
+_FIX_UNIGRAM = "Delete the file and rerun the run command to rebuild it."
+_FIX_ISSUES = "Delete the file and rerun the run command to rewrite it."
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_Check = tuple[Any, str]  # (predicate, what it expects)
+_NAT: _Check = (lambda v: _is_int(v) and v >= 0, "a non-negative integer")
+_INT: _Check = (_is_int, "an integer")
+_NUM: _Check = (_is_num, "a number")
+_STR: _Check = (lambda v: isinstance(v, str), "a string")
+_BOOL: _Check = (lambda v: isinstance(v, bool), "true or false")
+_OPT_INT: _Check = (lambda v: v is None or _is_int(v), "an integer or null")
+_OPT_NUM: _Check = (lambda v: v is None or _is_num(v), "a number or null")
+_OPT_STR: _Check = (lambda v: v is None or isinstance(v, str), "a string or null")
+_OPT_BOOL: _Check = (lambda v: v is None or isinstance(v, bool), "true, false or null")
+
+
+def _list_of(item: _Check) -> _Check:
+    return (lambda v: isinstance(v, list) and all(item[0](x) for x in v), f"a list of {item[1].split(' or ')[0]}s")
+
+
+def _show(v: Any) -> str:
+    text = json.dumps(v, allow_nan=True, ensure_ascii=False, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+class _Bad:
+    """Builds the one-line ResultsError of one file (and line): where, which field, how to fix."""
+
+    def __init__(self, where: str, fix: str) -> None:
+        self.where, self.fix = where, fix
+
+    def __call__(self, what: str) -> ResultsError:
+        return ResultsError(f"{self.where}: {what}. {self.fix}")
+
+    def check(self, obj: dict[str, Any], fields: dict[str, _Check], prefix: str = "") -> None:
+        for name, (ok, expected) in fields.items():
+            if name not in obj:
+                raise self(f"field {prefix + name!r} is missing")
+            if not ok(obj[name]):
+                raise self(f"field {prefix + name!r} is {_show(obj[name])}, expected {expected}")
+
+    def checksum(self, obj: dict[str, Any], required: bool) -> None:
+        if "sha256" not in obj:
+            if required:
+                raise self("field 'sha256' (the checksum every record of this run carries) is missing")
+            return
+        if obj["sha256"] != _digest({k: v for k, v in obj.items() if k != "sha256"}):
+            raise self("the content does not match its checksum (field 'sha256'): it was edited or damaged")
+
+
+_RUN_CONFIG: dict[str, _Check] = {
+    "data": (lambda v: isinstance(v, dict) and isinstance(v.get("source"), str)
+             and isinstance(v.get("fingerprint"), str), "an object with a source and a fingerprint"),
+    "granularity": (lambda v: v in GRANULARITIES, f"one of {list(GRANULARITIES)}"),
+    "ablation": (lambda v: v in ABLATIONS, f"one of {list(ABLATIONS)}"),
+    "ablate_attention": _BOOL,
+    "method": (lambda v: v in _METHODS, f"one of {list(_METHODS)}"),
+    "weights": (lambda v: v in ("l1", "ifr"), "one of ['l1', 'ifr']"),
+    "sizes": (lambda v: v is None or (isinstance(v, list) and bool(v) and all(_is_num(s) and 0 < s <= 1 for s in v)),
+              "null or a list of sizes in (0, 1]"),
+    "taus": (lambda v: v is None or _list_of(_NUM)[0](v), "null or a list of numbers"),
+    "conditions": (lambda v: isinstance(v, list) and "only" in v and all(c in CONDITIONS for c in v),
+                   f"a list of conditions among {list(CONDITIONS)} with 'only'"),
+    "seed": _INT,
+    "top_k": _NAT,
+    "prepend_bos": _OPT_BOOL,
+    "record_sizes": _list_of(_NUM),
+    "record_version": _INT,
+    "model": (lambda v: isinstance(v, dict), "an object"),
+}
+
+
+def _check_meta(meta: Any, path: Path) -> dict[str, Any]:
+    """Validate a parsed run.json; return it."""
+    bad = _Bad(str(path), _FIX_RUN)
+    if not isinstance(meta, dict):
+        raise bad(f"the file is not a JSON object (it is {_show(meta)})")
+    obj = (lambda v: isinstance(v, dict), "an object")
+    bad.check(meta, {"config": obj, "versions": obj})
+    bad.check(meta["config"], _RUN_CONFIG, "config.")
+    for name, chk in (("n_passages", _NAT), ("checksums", (lambda v: v == "sha256", "'sha256'"))):
+        if name in meta:
+            bad.check(meta, {name: chk})
+    bad.checksum(meta, required=False)
+    return meta
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """Read and validate run.json."""
     try:
-        obj = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return obj if isinstance(obj, dict) and "id" in obj and "status" in obj else None
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ResultsError(f"{path} is not valid JSON ({e}); it is not a tl_strace run directory, "
+                           "or it was damaged. Use another output directory.") from e
+    return _check_meta(meta, path)
 
 
-def _read_shard(path: Path, *, repair: bool) -> tuple[list[dict[str, Any]], str | None]:
-    """The complete records of a shard. A torn last line (no newline, or unparsable) is ignored, and
-    cut off the file when ``repair``; a corrupt line before the last is an error."""
+@dataclass(frozen=True)
+class _Schema:
+    """What every record of one run must look like (from its run.json)."""
+
+    granularity: str = "token"
+    conditions: tuple[str, ...] = ("only",)
+    n_strata: int | None = None
+    """The strata of every record (s-Trace with given sizes: those, plus the full graph)."""
+    n_passages: int | None = None
+    """Passages in the data (an index must be below it), when run.json says."""
+    checksums: bool = False
+
+    @classmethod
+    def of(cls, meta: dict[str, Any]) -> "_Schema":
+        cfg = meta["config"]
+        sizes, k = cfg.get("sizes"), None
+        if cfg.get("method") == "strace" and cfg.get("granularity") == "token" and sizes:
+            k = len(sizes) + (0 if float(sizes[-1]) == 1.0 else 1)
+        return cls(granularity=cfg["granularity"], conditions=tuple(cfg["conditions"]), n_strata=k,
+                   n_passages=meta.get("n_passages"), checksums=meta.get("checksums") == "sha256")
+
+
+_OK_FIELDS: dict[str, _Check] = {
+    "index": _NAT, "id": _STR, "text": _STR, "next_word": _OPT_STR, "context_words": _OPT_INT, "line": _OPT_INT,
+    "target_id": _OPT_INT, "n_tokens": _NAT, "n_edges": _NAT, "density": _NUM, "density_linear": _NUM,
+    "full_entropy": _NUM, "full_top_token": _STR, "full_top_id": _NAT, "full_top_prob": _NUM, "full_ce": _OPT_NUM,
+    "full_target_rank": _OPT_NUM, "seconds": _NUM,
+    "components": (lambda v: isinstance(v, dict) and all(
+        isinstance(c, dict) and all(isinstance(n, str) and _is_int(e) for n, e in c.items()) for c in v.values()),
+        "an object of {component: edge count} objects"),
+}
+_SKIPPED_FIELDS: dict[str, _Check] = {"index": _NAT, "id": _STR, "line": _OPT_INT, "text": _STR,
+                                      "next_word": _OPT_STR, "reason": _STR}
+_SHARE_FIELDS = ("share_attn", "share_mlp", "share_residual", *(f"share_layers_{g}" for g in range(4)))
+
+
+def _check_record(rec: Any, schema: _Schema, bad: _Bad) -> dict[str, Any]:
+    """Validate one parsed shard record (schema, then checksum); return it."""
+    if not isinstance(rec, dict):
+        raise bad(f"the line is not a JSON object (it is {_show(rec)})")
+    bad.check(rec, {"status": (lambda v: v in ("ok", "skipped"), "'ok' or 'skipped'")})
+    bad.check(rec, _OK_FIELDS if rec["status"] == "ok" else _SKIPPED_FIELDS)
+    if schema.n_passages is not None and rec["index"] >= schema.n_passages:
+        raise bad(f"field 'index' is {rec['index']}, but the run's data has {schema.n_passages} passages")
+    if rec["status"] == "ok":
+        bad.check(rec, {k: _NUM for k in rec if k.startswith("recovery_")})
+        bad.check(rec, {"sizes": _list_of(_NUM)})
+        K = len(rec["sizes"])
+        if schema.n_strata is not None and K != schema.n_strata:
+            raise bad(f"field 'sizes' has {K} strata, but the run's sizes make {schema.n_strata}")
+        curves: dict[str, _Check] = {"counts": _list_of(_NAT), "top_ids": _list_of(_NAT),
+                                     "top_tokens": _list_of(_STR), "top_probs": _list_of(_NUM)}
+        for cond in schema.conditions:
+            suffix = "" if cond == "only" else f"_{cond}"
+            curves.update({f"{m}{suffix}": _list_of(_BOOL if m == "reaches_input" else _NUM) for m in _METRICS})
+        if schema.granularity == "token":
+            curves.update({k: _list_of(_NUM) for k in _SHARE_FIELDS})
+        bad.check(rec, curves)
+        for name in curves:
+            if len(rec[name]) != K:
+                raise bad(f"field {name!r} has {len(rec[name])} values, but the record has {K} strata")
+    bad.checksum(rec, required=schema.checksums)
+    return rec
+
+
+def _check_unigram(obj: Any, path: Path) -> dict[int, int]:
+    """Validate a parsed unigram.json; return its counts."""
+    bad = _Bad(str(path), _FIX_UNIGRAM)
+    if not isinstance(obj, dict):
+        raise bad(f"the file is not a JSON object (it is {_show(obj)})")
+    counts_ok = (lambda v: isinstance(v, dict) and all(isinstance(k, str) and k.isdigit() and _NAT[0](c)
+                                                        for k, c in v.items()),
+                 "an object of {token id: non-negative integer count}")
+    bad.check(obj, {"total": _NAT, "counts": counts_ok})
+    if obj["total"] != sum(obj["counts"].values()):
+        raise bad(f"field 'total' is {obj['total']}, but the counts sum to {sum(obj['counts'].values())}")
+    bad.checksum(obj, required=False)
+    return {int(k): int(v) for k, v in obj["counts"].items()}
+
+
+def _read_unigram(path: Path) -> dict[int, int]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ResultsError(f"{path} is not valid JSON ({e}). {_FIX_UNIGRAM}") from e
+    return _check_unigram(obj, path)
+
+
+def _read_issues(path: Path) -> list[dict[str, Any]]:
+    """The validated lines of data_issues.jsonl (line, id, reason)."""
+    out = []
+    for n, line in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not line.strip():
+            continue
+        bad = _Bad(f"{path} line {n}", _FIX_ISSUES)
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise bad(f"the line is not valid JSON ({e})") from e
+        if not isinstance(obj, dict):
+            raise bad(f"the line is not a JSON object (it is {_show(obj)})")
+        bad.check(obj, {"line": _OPT_INT, "id": _OPT_STR, "reason": _STR})
+        bad.checksum(obj, required=False)
+        out.append({k: obj[k] for k in ("line", "id", "reason")})
+    return out
+
+
+def _merge(shards: list[tuple[Path, list[tuple[int, dict[str, Any]]]]]) -> dict[str, dict[str, Any]]:
+    """The records of all shards by passage id; a passage (index or id) recorded twice is an error."""
+    by_index: dict[int, tuple[Path, int, str]] = {}
+    by_id: dict[str, dict[str, Any]] = {}
+    where_id: dict[str, tuple[Path, int]] = {}
+    for path, recs in shards:
+        for n, rec in recs:
+            i, pid = rec["index"], rec["id"]
+            first = by_index.get(i) or ((*where_id[pid], pid) if pid in where_id else None)
+            if first is not None:
+                raise ResultsError(
+                    f"{path} line {n}: passage index {i} ({pid}) is also recorded in {first[0]} line {first[1]} "
+                    f"(passage {first[2]}); each passage is recorded once, so the directory was edited or two runs "
+                    "wrote into it. Delete one of the two lines (or use another output directory).")
+            by_index[i] = (path, n, pid)
+            where_id[pid] = (path, n)
+            by_id[pid] = rec
+    return by_id
+
+
+# ============================================================================ shards
+def _read_shard(path: Path, *, repair: bool,
+                schema: _Schema | None = None) -> tuple[list[tuple[int, dict[str, Any]]], str | None]:
+    """The complete records of a shard, as ``(line number, record)``, each validated against
+    ``schema`` (:func:`_check_record`).
+
+    A torn last line (no newline, or not JSON: what a kill during the write leaves) is ignored, and
+    cut off the file when ``repair``: that passage is redone. A line before the last that is not
+    JSON, and any line that is JSON but not a valid record, is corruption: a ResultsError naming
+    the file, the line and the field."""
+    schema = schema or _Schema()
     data = path.read_bytes() if path.exists() else b""
     if not data:
         return [], None
     lines = data.split(b"\n")
     tail = lines.pop()  # b"" when the file ends with a newline
-    recs: list[dict[str, Any]] = []
+    recs: list[tuple[int, dict[str, Any]]] = []
     keep = 0
     note = None
     for i, line in enumerate(lines):
-        obj = _parse_line(line)
-        if obj is None:
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
             if i == len(lines) - 1 and not tail:
                 note = f"{path.name}: the last record (line {i + 1}) is corrupt; it is redone"
                 break
             raise ResultsError(f"{path} line {i + 1} is corrupt (not a complete record) and is not the last line; "
-                               "delete that line to have its passage redone.")
-        recs.append(obj)
+                               "delete that line to have its passage redone.") from None
+        recs.append((i + 1, _check_record(obj, schema, _Bad(f"{path} line {i + 1}", _FIX_SHARD))))
         keep += len(line) + 1
     if tail:
         note = f"{path.name}: the last record was torn ({len(tail)} bytes without a newline); it is redone"
@@ -386,9 +681,96 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _append(f: Any, rec: dict[str, Any]) -> None:
-    f.write((json.dumps(rec, ensure_ascii=False, allow_nan=True) + "\n").encode("utf-8"))
+    """Append ``rec`` with its checksum as one line: one unbuffered write (repeated only if the OS
+    writes part of it), then ``fsync``. A failure (full disk) leaves at most a torn last line,
+    which the next start cuts off and redoes."""
+    data = memoryview((json.dumps(_sealed(rec), ensure_ascii=False, allow_nan=True) + "\n").encode("utf-8"))
+    while data:
+        n = f.write(data)
+        data = data[n:] if n is not None else data[len(data):]
     f.flush()
     os.fsync(f.fileno())
+
+
+# ============================================================================ the run: checks before work
+def _check_out_dir(out: Path) -> None:
+    """Refuse a run directory that cannot be used, before any work: a file, a path under a file, or
+    a directory this process cannot write (checked by creating a file, since ``os.access`` says
+    yes to root even on a read-only directory)."""
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"The run directory {str(out)!r} is not a directory (it is a file); give --out a "
+                              "directory path (created if needed).")
+    anc = out
+    while not anc.exists() and anc.parent != anc:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise OutputPathError(f"Cannot create the run directory {str(out)!r}: {str(anc)!r} is not a directory.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".tl-strace-probe-", dir=anc)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputPathError(f"Cannot write the run directory {str(out)!r}: {str(anc)!r} is not writable "
+                              f"({e.strerror or e}); give --out a writable directory.") from e
+
+
+def _message(e: BaseException) -> str:
+    """One line for an error: our messages as they are, an OSError as ``path: reason``."""
+    if isinstance(e, OSError) and not isinstance(e, StraceError):
+        return f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e)
+    return str(e)
+
+
+def _sync(dist: "_Dist", exc: BaseException | None) -> None:
+    """End a step that one rank alone may fail: all ranks agree (:meth:`_Dist.agree`); a rank that
+    failed raises its own error, the others a ResultsError with its message, so every rank exits
+    with the same one line instead of waiting for a rank that has gone."""
+    msg = dist.agree(_message(exc) if exc is not None else None)
+    if exc is not None:
+        raise exc
+    if msg is not None:
+        raise ResultsError(msg)
+
+
+class _MemoryCheck:
+    """Before each passage is traced: can one call fit in memory?
+
+    With a ``memory_budget``, the call must fit it (:func:`tl_strace.memory.rows_for_budget`).
+    Without one, the smallest call (its fixed part and one masked row,
+    :func:`tl_strace.memory.estimate_memory`) must fit the memory available on this machine
+    (:func:`tl_strace.memory.available_memory`); when the default batching of the masked forwards
+    would not, the call gets the available memory as its budget (fewer rows per forward). A passage
+    that cannot fit raises InputError, which the runner records as skipped with that reason, so a
+    run (and every resume) goes on instead of running out of memory on it. Host memory is checked
+    (where the edge space lives, whatever the model's device).
+    """
+
+    def __init__(self, model: Any, *, granularity: str, random: bool, prepend_bos: bool | None,
+                 memory_budget: int | None, batch_size: int | None) -> None:
+        self.model, self.spec, self.dtype = model, describe_model(model), model_dtype(model)
+        self.est_kw = {"edge_space": granularity == "token", "random": random}
+        self.prepend_bos, self.memory_budget, self.batch_size = prepend_bos, memory_budget, batch_size
+
+    def __call__(self, text: str, kw: dict[str, Any]) -> dict[str, Any]:
+        """The tracer's keyword arguments for ``text`` (``kw``, or with a memory budget added)."""
+        T = int(prepare_tokens(self.model, self.spec, text, prepend_bos=self.prepend_bos).numel())
+        if self.memory_budget is not None:
+            _memory.rows_for_budget(self.spec, T, self.dtype, memory_budget=self.memory_budget,
+                                    batch_size=self.batch_size, n_rows=1, **self.est_kw)
+            return kw
+        avail = _memory.available_memory()
+        if avail is None:
+            return kw
+        need = _memory.estimate_memory(self.spec, T, 1, dtype=self.dtype, **self.est_kw)
+        if need.total > avail:
+            raise InputError(
+                f"This passage ({T} tokens) needs at least {need.total / 2**20:,.0f} MiB for one call on "
+                f"{self.spec.name} ({need.describe()}), but only {avail / 2**20:,.0f} MiB are available on this "
+                "machine; free memory or shorten the passage to trace it.")
+        rows = int(self.batch_size) if self.batch_size else _memory.DEFAULT_ROWS_BUDGET // max(need.per_row, 1)
+        if need.fixed + rows * need.per_row > avail:
+            return {**kw, "memory_budget": int(avail)}
+        return kw
 
 
 # ============================================================================ the run
@@ -431,19 +813,19 @@ def run_corpus(
     *,
     granularity: str = "token",
     ablation: str = "zero",
-    conditions: Sequence[str] = ("only",),
+    conditions: Iterable[str] = ("only",),
     limit: int | None = None,
-    sizes: Sequence[float] | None = None,
+    sizes: Iterable[float] | None = None,
     method: str = "strace",
-    taus: Sequence[float] | None = None,
+    taus: Iterable[float] | None = None,
     weights: str = "l1",
     seed: int = 0,
     top_k: int = 5,
     ablate_attention: bool = True,
-    record_sizes: Sequence[float] = DEFAULT_RECORD_SIZES,
+    record_sizes: Iterable[float] | None = DEFAULT_RECORD_SIZES,
     prepend_bos: bool | None = None,
     batch_size: int | None = None,
-    memory_budget: int | None = None,
+    memory_budget: int | str | None = None,
     progress: bool = True,
 ) -> RunSummary:
     """Trace every passage of ``data`` with ``model`` and record the results in ``out``, resumably.
@@ -476,32 +858,35 @@ def run_corpus(
     t0 = time.perf_counter()
 
     # ------------------------------------------------------------------ options, before anything runs
-    if granularity not in GRANULARITIES:
-        raise InputError(f"Unknown granularity {granularity!r}; choose one of {list(GRANULARITIES)}.")
-    if ablation not in ABLATIONS:
-        raise InputError(f"Unknown ablation {ablation!r}; choose one of {list(ABLATIONS)}.")
-    conds = tuple(dict.fromkeys(("only", *conditions)))
-    if any(c not in CONDITIONS for c in conds):
-        raise InputError(f"Conditions must be among {list(CONDITIONS)}; got {list(conditions)}.")
-    if method not in ("strace", "threshold", "nucleus"):
-        raise InputError(f"Unknown method {method!r}; choose one of ['nucleus', 'strace', 'threshold'].")
-    if weights not in ("l1", "ifr"):
-        raise InputError(f"Unknown weights {weights!r}; choose one of ['ifr', 'l1'].")
-    if limit is not None and limit < 0:
-        raise InputError(f"limit must be ≥ 0; got {limit}.")
-    sizes_l = _check_sizes(sizes, "sizes")
+    # The rules of tl_strace.strace / component_strace (tl_strace.options), so that an option every
+    # passage would refuse is refused here, once, and not recorded as thousands of skipped passages.
+    granularity = options.check_choice("granularity", granularity, GRANULARITIES)
+    ablation = options.check_choice("ablation", ablation, ABLATIONS)
+    # "only" first, then the others in the given order (as stored in run.json by earlier versions).
+    conds = tuple(dict.fromkeys(("only", *options.check_conditions(conditions))))
+    method, weights = options.check_method(method), options.check_weights(weights)
+    limit = options.check_int("limit", limit, minimum=0, optional=True)
+    seed, top_k = options.check_seed(seed), options.check_top_k(top_k)
+    batch_size, memory_budget = options.check_batch_size(batch_size), options.check_memory_budget(memory_budget)
+    ablate_attention = options.check_bool("ablate_attention", ablate_attention)
+    prepend_bos = options.check_optional_bool("prepend_bos", prepend_bos)
+    progress = options.check_bool("progress", progress)
+    checked_sizes = options.check_sizes(sizes)
+    sizes_l = None if checked_sizes is None else list(checked_sizes)
     if method == "strace" and taus is not None:
         raise InputError("taus apply to method='threshold' or 'nucleus'; s-Trace takes sizes.")
     if method != "strace" and sizes is not None:
         raise InputError(f"method={method!r} builds strata from taus; pass taus=..., not sizes.")
-    rec_sizes = _check_sizes(record_sizes, "record_sizes") or []
+    taus = options.check_taus(taus)
+    rec_sizes = [] if record_sizes is None else list(options.check_fractions("record_sizes", record_sizes,
+                                                                             example="[1e-3, 0.01, 0.1, 0.4]"))
     if method == "strace" and sizes_l is None and granularity == "token":
         sizes_l = [float(s) for s in DEFAULT_SIZES]
     opts: dict[str, Any] = {"sizes": sizes_l if method == "strace" else None, "method": method, "weights": weights,
                             "conditions": conds, "seed": seed, "top_k": top_k, "prepend_bos": prepend_bos,
                             "batch_size": batch_size, "memory_budget": memory_budget}
     if taus is not None:
-        opts["taus"] = [float(t) for t in taus]
+        opts["taus"] = list(taus)
     tracer, trace_kw = _make_tracer(granularity, ablation, ablate_attention, opts)
 
     passages_all = load_passages(data)
@@ -517,54 +902,66 @@ def run_corpus(
     if ablation == "mean":
         config["mean_reference"] = f"the first {MEAN_REFERENCE} passages of the data that fit the model's context"
 
+    _check_out_dir(out)  # before the model is loaded: a file, a read-only or missing parent
     dist = _Dist.from_env()
     try:
         # -------------------------------------------------------------- config check, before loading the model
-        out.mkdir(parents=True, exist_ok=True)
-        cfg_path = out / CONFIG_FILE
+        exc: BaseException | None = None
         stored = None
-        if cfg_path.exists():
-            try:
-                stored = json.loads(cfg_path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ResultsError(f"{cfg_path} is not valid JSON ({e}); it is not a tl_strace run directory, "
-                                   "or it was damaged. Use another --out.") from e
-            old = {k: v for k, v in stored.get("config", {}).items() if k != "model"}
-            diff = _diff(config, old)
-            if diff:
-                raise ResultsError(f"{out} holds a run with another configuration ({'; '.join(diff)}). "
-                                   "Use another output directory, or rerun with the stored configuration.")
-        elif any(out.glob(SHARD_GLOB)):
-            raise ResultsError(f"{out} has result shards but no {CONFIG_FILE}; it was not written by this runner "
-                               "or was damaged. Use another output directory.")
+        cfg_path = out / CONFIG_FILE
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            if cfg_path.exists():
+                stored = _read_meta(cfg_path)
+                old = {k: v for k, v in stored["config"].items() if k != "model"}
+                diff = _diff(config, old)
+                if diff:
+                    raise ResultsError(f"{out} holds a run with another configuration ({'; '.join(diff)}). "
+                                       "Use another output directory, or rerun with the stored configuration.")
+            elif any(out.glob(SHARD_GLOB)):
+                raise ResultsError(f"{out} has result shards but no {CONFIG_FILE}; it was not written by this "
+                                   "runner or was damaged. Use another output directory.")
+        except (StraceError, OSError) as e:
+            exc = e
+        if dist.world > 1 and exc is None:  # every rank must run the same configuration
+            box: list[Any] = [None] * dist.world
+            import torch.distributed as tdist
+
+            tdist.all_gather_object(box, json.dumps(config, sort_keys=True, default=str))
+            if any(b != box[0] for b in box):
+                exc = ResultsError(f"the {dist.world} ranks were started with different configurations (rank 0: "
+                                   f"{box[0]}); start every rank with the same arguments.")
+        _sync(dist, exc)
 
         # -------------------------------------------------------------- model
         model_name = None if not isinstance(model, (str, os.PathLike)) else os.fspath(model)
-        if model_name is not None:
-            device = None
-            if torch.cuda.is_available():
-                device = f"cuda:{dist.local_rank % torch.cuda.device_count()}"
-            model = load_model(model_name, device=device)
-        config["model"] = _model_identity(model, model_name)
-        err = None
-        if dist.rank == 0:
-            if stored is not None:
-                diff = _diff(config["model"], stored["config"].get("model", {}))
-                # the name it was loaded under may differ (a hub name, then its local copy); the weights may not
-                diff = [d for d in diff if not d.startswith(("argument:", "model_name:"))]
-                if diff:
-                    err = (f"{out} holds a run of another model ({'; '.join(diff)}). Use another output directory.")
-            else:
-                _atomic_write(cfg_path, json.dumps({"config": config, "versions": _versions(),
-                                                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                                    "tool": "tl_strace.corpus"}, indent=1) + "\n")
-            if err is None:
-                _atomic_write(out / ISSUES_FILE, "".join(json.dumps(i.to_json()) + "\n" for i in passages_all.issues))
+        try:
+            if model_name is not None:
+                device = None
+                if torch.cuda.is_available():
+                    device = f"cuda:{dist.local_rank % torch.cuda.device_count()}"
+                model = load_model(model_name, device=device)
+            config["model"] = _model_identity(model, model_name)
+            if dist.rank == 0:
+                if stored is not None:
+                    diff = _model_diff(model, config["model"], stored["config"]["model"])
+                    if diff:
+                        raise ResultsError(f"{out} holds a run of another model ({'; '.join(diff)}). "
+                                           "Use another output directory.")
+                else:
+                    _atomic_write(cfg_path, json.dumps(_sealed({
+                        "config": config, "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "tool": "tl_strace.corpus", "n_passages": len(passages_all), "checksums": "sha256"}),
+                        indent=1) + "\n")
+                _atomic_write(out / ISSUES_FILE, "".join(json.dumps(_sealed(i.to_json())) + "\n"
+                                                         for i in passages_all.issues))
                 if not (out / UNIGRAM_FILE).exists():
                     _write_unigram(model, passages_all, out / UNIGRAM_FILE)
-        err = dist.broadcast_error(err)
-        if err:
-            raise ResultsError(err)
+                else:
+                    _read_unigram(out / UNIGRAM_FILE)
+        except (StraceError, OSError) as e:
+            exc = e
+        _sync(dist, exc)
         if stored is not None and stored.get("versions", {}).get("tl_strace") != __version__ and dist.rank == 0:
             warnings.warn(f"{out} was started with tl_strace {stored.get('versions', {}).get('tl_strace')}; "
                           f"resuming with {__version__}.", stacklevel=2)
@@ -572,48 +969,75 @@ def run_corpus(
             trace_kw["means"] = _means(model, passages_all, out / "means.safetensors", dist)
         if dist.rank == 0 and passages_all.issues and progress:
             print(passages_all.report(), file=sys.stderr)
+        schema = _Schema.of(stored if stored is not None else {"config": config, "n_passages": len(passages_all),
+                                                               "checksums": "sha256"})
 
         # -------------------------------------------------------------- resume
         shard = out / _shard_name(dist.rank)
-        with _locked(out / f"{shard.stem}.lock"):
-            _, note = _read_shard(shard, repair=True)
-            repaired = (note,) if note else ()
-            if note and progress:
-                print(f"tl-strace: {note}", file=sys.stderr)
-            dist.barrier()  # every rank has repaired its own shard
-            done: dict[str, dict[str, Any]] = {}
-            for path in sorted(out.glob(SHARD_GLOB)):
-                for rec in _read_shard(path, repair=False)[0]:
-                    done.setdefault(rec["id"], rec)
+        with contextlib.ExitStack() as stack:
+            repaired: tuple[str, ...] = ()
+            try:
+                stack.enter_context(_locked(out / f"{shard.stem}.lock"))
+                _, note = _read_shard(shard, repair=True, schema=schema)
+                repaired = (note,) if note else ()
+                if note and progress:
+                    print(f"tl-strace: {note}", file=sys.stderr)
+            except (StraceError, OSError) as e:
+                exc = e
+            _sync(dist, exc)  # every rank has repaired its own shard (or all stop)
+            try:
+                done = _merge([(path, _read_shard(path, repair=False, schema=schema)[0])
+                               for path in sorted(out.glob(SHARD_GLOB))])
+                for pid, rec in done.items():
+                    i = rec["index"]
+                    if i < len(passages_all) and passages_all[i].id != pid:
+                        raise ResultsError(f"{out}: the record of passage {pid} has index {i}, but passage {i} of "
+                                           f"the data is {passages_all[i].id}; the directory was edited. "
+                                           f"{_FIX_SHARD}")
+            except (StraceError, OSError) as e:
+                exc = e
+            _sync(dist, exc)
             mine = [(i, p) for i, p in enumerate(passages) if i % dist.world == dist.rank]
             todo = [(i, p) for i, p in mine if p.id not in done]
             skipped = [DataIssue(done[p.id].get("line"), done[p.id].get("reason", ""), p.id)
                        for _, p in mine if p.id in done and done[p.id].get("status") == "skipped"]
             n_before = len(mine) - len(todo)
+            fits = _MemoryCheck(model, granularity=granularity, random="random" in conds, prepend_bos=prepend_bos,
+                                memory_budget=trace_kw.get("memory_budget"), batch_size=trace_kw.get("batch_size"))
 
             # ---------------------------------------------------------- trace
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(mine), initial=n_before, unit="passage", desc=f"s-Trace {out.name}",
                        disable=not progress or dist.rank != 0, dynamic_ncols=True, smoothing=0.1)
-            with open(shard, "ab") as f, bar:
-                for i, p in todo:
-                    t1 = time.perf_counter()
-                    try:
-                        res = tracer(model, p.text, target=p.target, **trace_kw)
-                        rec = _record(res, p, i, rec_sizes, time.perf_counter() - t1)
-                    except (InputError, DecompositionError) as e:  # this passage cannot be traced: say so, go on
-                        issue = DataIssue(p.line, str(e), p.id)
-                        skipped.append(issue)
-                        rec = {"status": "skipped", "index": i, "id": p.id, "line": p.line, "text": p.text,
-                               "next_word": p.next_word, "reason": str(e)}
-                        if progress:
-                            bar.write(f"tl-strace: skipped {issue}")
-                    _append(f, rec)
-                    bar.update(1)
-                    if rec["status"] == "ok":
-                        bar.set_postfix(density=f"{rec['density']:.3f}", refresh=False)
-        dist.barrier()
+            try:
+                with open(shard, "ab", buffering=0) as f, bar:
+                    for i, p in todo:
+                        t1 = time.perf_counter()
+                        try:
+                            kw = fits(p.text, trace_kw)  # before any work: can the call fit in memory?
+                            res = tracer(model, p.text, target=p.target, **kw)
+                            rec = _record(res, p, i, rec_sizes, time.perf_counter() - t1)
+                        except (InputError, DecompositionError) as e:  # this passage cannot be traced: say so
+                            issue = DataIssue(p.line, str(e), p.id)
+                            skipped.append(issue)
+                            rec = {"status": "skipped", "index": i, "id": p.id, "line": p.line, "text": p.text,
+                                   "next_word": p.next_word, "reason": str(e)}
+                            if progress:
+                                bar.write(f"tl-strace: skipped {issue}")
+                        try:
+                            _append(f, rec)
+                        except OSError as e:
+                            raise OutputPathError(
+                                f"Writing the record of passage {p.id} to {shard} failed: {e.strerror or e}. The "
+                                "records written so far are kept: fix that (e.g. free disk space), then rerun the "
+                                "same command to resume.") from e
+                        bar.update(1)
+                        if rec["status"] == "ok":
+                            bar.set_postfix(density=f"{rec['density']:.3f}", refresh=False)
+            except (StraceError, OSError) as e:
+                exc = e
+        _sync(dist, exc)  # the last barrier: every rank has finished (or one failed: all say so)
         return RunSummary(out=out, rank=dist.rank, world_size=dist.world, n_passages=len(passages),
                           n_done_before=n_before, n_new=len(todo), n_skipped=len(skipped),
                           issues=tuple(passages_all.issues) + tuple(skipped), repaired=repaired,
@@ -632,8 +1056,9 @@ def _write_unigram(model: Any, passages: PassageSet, path: Path) -> None:
     for i in range(0, len(texts), 256):
         for ids in tok(texts[i:i + 256], add_special_tokens=False)["input_ids"]:
             counts.update(ids)
-    _atomic_write(path, json.dumps({"tokenizer": getattr(tok, "name_or_path", ""), "total": sum(counts.values()),
-                                    "counts": {str(k): v for k, v in sorted(counts.items())}}) + "\n")
+    _atomic_write(path, json.dumps(_sealed({"tokenizer": getattr(tok, "name_or_path", ""),
+                                            "total": sum(counts.values()),
+                                            "counts": {str(k): v for k, v in sorted(counts.items())}})) + "\n")
 
 
 # ============================================================================ reading a run
@@ -700,44 +1125,39 @@ class CorpusRun:
 def load_run(path: str | os.PathLike[str]) -> CorpusRun:
     """Read a run directory written by :func:`run_corpus` (all shards as one table).
 
-    Torn last lines (a run still going, or killed) are left out and noted in ``notes``; a passage
-    recorded twice (only possible if the directory was edited by hand) keeps its first record.
+    Torn last lines (a run still going, or killed) are left out and noted in ``notes``. Every file
+    is validated (schema, and checksums where the run has them): a damaged or edited field, or a
+    passage recorded twice, raises :class:`~tl_strace.errors.ResultsError` naming the file, the
+    line and the field.
     """
     path = Path(path)
     cfg_path = path / CONFIG_FILE
     if not cfg_path.is_file():
         raise ResultsError(f"{path} is not a corpus run directory (no {CONFIG_FILE}).")
-    meta = json.loads(cfg_path.read_text(encoding="utf-8"))
-    recs: list[dict[str, Any]] = []
+    meta = _read_meta(cfg_path)
+    schema = _Schema.of(meta)
+    shards = []
     notes: list[str] = []
     for shard in sorted(path.glob(SHARD_GLOB)):
-        r, note = _read_shard(shard, repair=False)
-        recs += r
+        r, note = _read_shard(shard, repair=False, schema=schema)
+        shards.append((shard, r))
         if note:
             notes.append(note)
-    seen: set[str] = set()
     ok, skipped = [], []
-    for r in sorted(recs, key=lambda r: r.get("index", 0)):
-        if r["id"] in seen:
-            notes.append(f"passage {r['id']} recorded twice; the first record is used")
-            continue
-        seen.add(r["id"])
+    for r in sorted(_merge(shards).values(), key=lambda r: r["index"]):
         (ok if r["status"] == "ok" else skipped).append(r)
     issues_path = path / ISSUES_FILE
     data_issues = []
     if issues_path.is_file():
-        for line in issues_path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                data_issues.append({**json.loads(line), "index": None})
+        data_issues = [{**i, "index": None} for i in _read_issues(issues_path)]
     table = pd.DataFrame(ok).reset_index(drop=True)
-    if "status" in table:
-        table = table.drop(columns=["status"])
+    table = table.drop(columns=[c for c in ("status", "sha256") if c in table])
     skipped_df = pd.DataFrame(data_issues + [{k: r.get(k) for k in ("index", "id", "line", "reason")} for r in skipped],
                               columns=["index", "id", "line", "reason"])
     unigram: dict[int, int] = {}
     up = path / UNIGRAM_FILE
     if up.is_file():
-        unigram = {int(k): int(v) for k, v in json.loads(up.read_text(encoding="utf-8"))["counts"].items()}
+        unigram = _read_unigram(up)
     for n in notes:
         warnings.warn(f"{path}: {n}", stacklevel=2)
     return CorpusRun(path=path, config=meta.get("config", {}), versions=meta.get("versions", {}), table=table,

@@ -49,7 +49,7 @@ from tl_strace.errors import InputError
 from tl_strace.model import ModelSpec
 
 __all__ = ["DEFAULT_ROWS_BUDGET", "EDGE_SLOT_BYTES", "OVERHEAD_BYTES", "PATTERN_SLOT_BYTES", "RANDOM_SLOT_BYTES",
-           "MemoryEstimate", "estimate_memory", "rows_for_budget"]
+           "MemoryEstimate", "available_memory", "estimate_memory", "rows_for_budget"]
 
 EDGE_SLOT_BYTES = 56
 """Peak bytes per edge slot (``L·H·T²`` slots) held by the graph, the search and the strata."""
@@ -162,3 +162,36 @@ def rows_for_budget(spec: ModelSpec, n_pos: int, dtype: torch.dtype, *, memory_b
                 f"({estimate_memory(spec, n_pos, int(batch_size), **kw).describe()}). Give one of the two.")
         return min(int(batch_size), n_rows)
     return min(fit, n_rows)
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory a new allocation can get now, or None when it cannot be told.
+
+    The machine's available memory (``psutil``, else ``MemAvailable`` of ``/proc/meminfo``), and no
+    more than what is left under this process's cgroup limit (``memory.max`` of cgroup v2, as in a
+    container). The corpus runner checks each passage against it when no ``memory_budget`` is given.
+    """
+    avail: int | None = None
+    try:
+        import psutil
+
+        avail = int(psutil.virtual_memory().available)
+    except Exception:  # psutil missing or unsupported here
+        try:
+            with open("/proc/meminfo", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        avail = int(line.split()[1]) * 1024
+                        break
+        except (OSError, ValueError):
+            pass
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current", encoding="ascii") as f:
+                left = int(limit) - int(f.read().strip())
+            avail = left if avail is None else min(avail, left)
+    except (OSError, ValueError):
+        pass
+    return avail

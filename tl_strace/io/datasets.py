@@ -329,12 +329,10 @@ def load_passages(spec: str | os.PathLike[str] | PassageSet, *, format: str | No
 
 def write_passages(passages: Iterable[Passage], path: str | os.PathLike[str]) -> None:
     """Write passages as JSONL (UTF-8, one object per line), atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for p in passages:
-            f.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    from tl_strace.fsutil import atomic_write
+
+    atomic_write(path, "".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in passages),
+                 what="passage file")
 
 
 # ------------------------------------------------------------------------------------- building

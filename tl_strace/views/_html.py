@@ -112,9 +112,8 @@ class HTMLView:
         from tl_strace.views._page import page
 
         text = self.html if not self.fragment else page(self.title or "tl_strace", self.html)
+        from tl_strace.fsutil import atomic_write
+
         path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        atomic_write(path, text, what="HTML file")  # refuses directories and device nodes; no temporary left
         return path

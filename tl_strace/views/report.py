@@ -114,11 +114,11 @@ def report_html(res: StraceResult, *, model: Any = None, s: float | None = None,
 
 def save_report(res: StraceResult, path: str | os.PathLike, **kwargs: Any) -> str:
     """Write :func:`report_html` to ``path`` (atomically); returns the path. Keywords as :func:`report_html`."""
-    text = report_html(res, **kwargs)
+    from tl_strace.fsutil import atomic_write, check_output_path
+
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    if os.path.dirname(path) and not os.path.lexists(os.path.dirname(path)):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    check_output_path(path, what="HTML report")  # before the page is built: a directory, a device node
+    atomic_write(path, report_html(res, **kwargs), what="HTML report")
     return path
