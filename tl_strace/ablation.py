@@ -31,7 +31,7 @@ from torch import Tensor
 
 from tl_strace.errors import InputError, UnsupportedModelError
 from tl_strace.graph import EdgeLayout
-from tl_strace.model import ModelSpec, hook_name, run_hooked
+from tl_strace.model import ModelSpec, attention_without_heads, hook_name, run_hooked
 
 __all__ = ["CONDITIONS", "MaskRow", "bytes_per_row", "check_conditions", "masked_logprobs", "verify_attention_masking"]
 
@@ -152,8 +152,9 @@ def verify_attention_masking(model: Any, spec: ModelSpec, tokens: Int[Tensor, "p
 
     A known failure of pipelines built on other code is an attention mask that is computed but
     never applied, so "removed" attention edges stay in the model. Here, with every pattern entry of
-    block 0 set to 0, ``hook_attn_out`` must equal the output bias ``b_O`` exactly; otherwise this
-    model's attention does not read the hooked pattern and tl_strace refuses it.
+    block 0 set to 0, ``hook_attn_out`` must equal the output bias ``b_O`` exactly (in sandwich /
+    post-norm blocks: ``b_O`` through the post-attention norm, which ``hook_attn_out`` follows);
+    otherwise this model's attention does not read the hooked pattern and tl_strace refuses it.
     """
     if _VERIFIED.get(model):
         return
@@ -167,8 +168,9 @@ def verify_attention_masking(model: Any, spec: ModelSpec, tokens: Int[Tensor, "p
 
     run_hooked(model, tokens[None], [(hook_name("pattern", 0), zero), (hook_name("attn_out", 0), grab)],
                backend=spec.backend)
-    err = float((seen["a"] - b_O[0].to(seen["a"].device)).abs().max())
-    if not err <= 1e-4 * max(1.0, float(b_O[0].abs().max())):
+    want = attention_without_heads(model, spec, 0, b_O[0]).to(seen["a"].device)  # norm_post(b_O) in sandwich blocks
+    err = float((seen["a"] - want).abs().max())
+    if not err <= 1e-4 * max(1.0, float(want.abs().max())):
         raise UnsupportedModelError(
             f"{spec.name}: setting blocks.0.attn.hook_pattern to zero does not remove attention "
             f"(attention output differs from b_O by {err:.3g}). This attention implementation does not "

@@ -24,8 +24,10 @@ Ablation, on TransformerLens hook points (hooks live only inside ``model.hooks``
   ``a + keep·(z − a)`` with ``keep`` per [batch, head] (or [batch, pos, head]). Since the attention
   output is ``Σ_h z_h @ W_O[h] + b_O``, the head's whole contribution ``z_h @ W_O[h]`` is removed
   (``a = 0``, zero ablation, the paper default) or replaced by its mean ``a = E[z_h] @ W_O[h]``
-  (mean ablation). ``b_O`` stays: it is not a head's;
-* MLP ``l``: ``blocks.{l}.hook_mlp_out`` is replaced the same way (its bias goes with it).
+  (mean ablation). ``b_O`` stays: it is not a head's. In sandwich / post-norm blocks (Gemma 2/3,
+  OLMo-2) the post-attention norm then acts on what is left, recomputed like everything downstream;
+* MLP ``l``: ``blocks.{l}.hook_mlp_out`` is replaced the same way (its bias goes with it; under a
+  post-MLP norm ``hook_mlp_out`` is that norm's output, what the block adds to the stream).
 Residual connections are never removed: every component subgraph reaches the input.
 Mean values come from a :class:`~tl_strace.mean.MeanCache`: position-agnostic by default (one mean
 per head / MLP, any input length), per position with ``mean_positions="per_position"`` when the
@@ -38,7 +40,9 @@ Scorers (:data:`COMPONENT_SCORERS`)
   head ``h`` contributes ``c = (z_h[t] − a_h[t]) @ W_O[h]`` (what ablating it removes) and
   ``w = ‖c‖₁ / (‖resid_pre[t]‖₁ + Σ_h' ‖c_h'‖₁)``; the MLP contributes ``c = mlp_out[t] − a[t]``
   with ``w = ‖c‖₁ / (‖resid_mid[t]‖₁ + ‖c‖₁)``. In the last block the vectors go through the
-  final norm linearised at the clean run, as in the token-level graph. A whole component scores
+  final norm linearised at the clean run, as in the token-level graph; in sandwich / post-norm
+  blocks a head's ``c`` also goes through the post-attention norm linearised at the clean run
+  (:meth:`~tl_strace.model.CleanRun.attn_post_norm`). A whole component scores
   the mean of ``w`` over the positions that reach the output (all of them; in the last block only
   ``T-1``). No gradients; one clean forward.
 * ``"attribution"`` (attribution patching, one forward + one backward): components are mixed with
@@ -85,7 +89,7 @@ import os
 import re
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import cached_property
@@ -97,6 +101,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_strace import options
 from tl_strace._version import __version__
 from tl_strace.ablation import check_conditions
 from tl_strace.errors import InputError, UnsupportedModelError
@@ -108,6 +113,8 @@ from tl_strace.model import (
     CleanRun,
     ModelSpec,
     attention_output,
+    attention_without_heads,
+    check_full_graph,
     clean_run,
     describe_model,
     hook_name,
@@ -116,6 +123,7 @@ from tl_strace.model import (
     prepare_tokens,
     require_ready,
     run_hooked,
+    serialised,
     str_tokens,
     target_token,
 )
@@ -301,8 +309,12 @@ class Ablation:
 
     @classmethod
     def build(cls, spec: ModelSpec, n_pos: int, ablation: str, means: MeanCache | str | os.PathLike | None,
-              positions: str) -> "Ablation":
-        """Check the options and fetch mean values (before any forward pass)."""
+              positions: str, *, model: Any = None) -> "Ablation":
+        """Check the options and fetch mean values (before any forward pass).
+
+        With ``model``, a mean cache computed on other weights (another checkpoint or fine-tune of
+        the same architecture, told apart by :func:`~tl_strace.model.weights_fingerprint`) is
+        refused, not only one of another architecture."""
         if ablation not in ABLATIONS:
             raise InputError(f"Unknown ablation {ablation!r}; choose one of {list(ABLATIONS)}.")
         if positions not in MEAN_POSITIONS:
@@ -317,7 +329,7 @@ class Ablation:
                 "means=tl_strace.compute_means(model, reference_texts) (or the path of a saved mean cache)."
             )
         cache = means if isinstance(means, MeanCache) else MeanCache.load(means)
-        cache.check_model(spec, ("z", "mlp_out"))
+        cache.check_model(spec, ("z", "mlp_out"), model=model)
         return cls("mean", positions, cache.values("z", n_pos, positions).float(),
                    cache.values("mlp_out", n_pos, positions).float(), cache.describe())
 
@@ -389,9 +401,10 @@ def verify_component_ablation(model: Any, spec: ModelSpec, tokens: Int[Tensor, "
     hooks += [(hook_name("attn_out", 0), _Grab(seen, "a")), (hook_name("resid_pre", 0), _Grab(seen, "x")),
               (hook_name("resid_post", 0), _Grab(seen, "y"))]
     run_hooked(model, tokens[None], hooks, backend=spec.backend)
-    err_a = float((seen["a"] - b_O[0].to(seen["a"].device)).abs().max())
+    want_a = attention_without_heads(model, spec, 0, b_O[0]).to(seen["a"].device)  # norm_post(b_O) if sandwich
+    err_a = float((seen["a"] - want_a).abs().max())
     err_m = float((seen["y"] - (seen["x"] + seen["a"])).abs().max())
-    scale = max(1.0, float(seen["x"].abs().max()), float(b_O[0].abs().max()))
+    scale = max(1.0, float(seen["x"].abs().max()), float(want_a.abs().max()))
     if not (err_a <= 1e-4 * scale and err_m <= 1e-4 * scale):
         raise UnsupportedModelError(
             f"{spec.name}: ablating every head at blocks.0.attn.hook_z and the MLP at blocks.0.hook_mlp_out does "
@@ -459,7 +472,9 @@ def score_l1(ctx: _Context) -> tuple[Tensor, Tensor]:
     if ctx.abl.z is not None:
         z = z - ctx.abl.z.to(z.device)
         mlp = mlp - ctx.abl.mlp.to(mlp.device)
-    heads = torch.einsum("lthd,lhdm->lthm", z, run.W_O)  # [L, T, H, d]
+    # [L, T, H, d]; in sandwich / post-norm blocks through the post-attention norm linearised at the
+    # clean run (what the block adds to the stream for each head), as in the token-level graph
+    heads = run.attn_post_norm(torch.einsum("lthd,lhdm->lthm", z, run.W_O))
     resid_pre, resid_mid = run.resid_pre.clone(), run.resid_mid.clone()
     mlp = mlp.clone()
     # Last block, last position: through the final norm linearised at the clean run.
@@ -565,6 +580,7 @@ def _labels(rank: Tensor, counts: Sequence[int]) -> Tensor:
     return labels
 
 
+@serialised
 def component_strace(
     model: Any,
     input: str | Tensor | Sequence[int],
@@ -574,15 +590,15 @@ def component_strace(
     means: MeanCache | str | os.PathLike | None = None,
     mean_positions: str = "agnostic",
     per_position: bool = False,
-    sizes: Sequence[float] | None = None,
-    conditions: Sequence[str] = ("only",),
+    sizes: Iterable[float] | None = None,
+    conditions: Iterable[str] = ("only",),
     greedy_steps: int | None = None,
     attribution_point: float = 0.5,
-    target: int | str | None = None,
+    target: int | str | Tensor | None = None,
     seed: int = 0,
     top_k: int = 5,
     batch_size: int | None = None,
-    memory_budget: int | None = None,
+    memory_budget: int | str | None = None,
     prepend_bos: bool | None = None,
 ) -> StraceResult:
     """s-Trace at component granularity: nested sets of heads/MLPs, ranked by ``scorer`` and
@@ -617,21 +633,28 @@ def component_strace(
     """
     t0 = time.perf_counter()
     spec = describe_model(model)
-    if scorer not in COMPONENT_SCORERS:
-        raise InputError(f"Unknown scorer {scorer!r}; choose one of {sorted(COMPONENT_SCORERS)}.")
-    conds = check_conditions(conditions)
-    if not 0.0 < float(attribution_point) < 1.0 and scorer == "attribution":
+    # Every option, before any work (tl_strace.options); iterables are read once, scalars made canonical.
+    scorer = options.check_choice("scorer", scorer, COMPONENT_SCORERS)
+    ablation = options.check_choice("ablation", ablation, ABLATIONS)
+    mean_positions = options.check_choice("mean_positions", mean_positions, MEAN_POSITIONS)
+    per_position = options.check_bool("per_position", per_position)
+    conds = check_conditions(options.check_conditions(conditions))
+    sizes = options.check_sizes(sizes)
+    attribution_point = options.check_float("attribution_point", attribution_point)
+    if not 0.0 < attribution_point < 1.0 and scorer == "attribution":
         raise InputError(f"attribution_point must lie strictly between 0 and 1 (KL has no gradient at the full "
                          f"model, m = 1); got {attribution_point}.")
-    if greedy_steps is not None and (scorer != "greedy" or int(greedy_steps) < 1):
-        raise InputError("greedy_steps applies to scorer='greedy' and must be at least 1.")
-    if top_k < 1:
-        raise InputError(f"top_k must be at least 1; got {top_k}.")
+    greedy_steps = options.check_int("greedy_steps", greedy_steps, minimum=1, optional=True)
+    if greedy_steps is not None and scorer != "greedy":
+        raise InputError(f"greedy_steps applies to scorer='greedy' only (scorer is {scorer!r}); leave it None.")
+    top_k, seed = options.check_top_k(top_k), options.check_seed(seed)
+    batch_size, memory_budget = options.check_batch_size(batch_size), options.check_memory_budget(memory_budget)
+    prepend_bos = options.check_optional_bool("prepend_bos", prepend_bos)
     require_ready(model)
     tokens = prepare_tokens(model, spec, input, prepend_bos=prepend_bos)
     T = int(tokens.numel())
     tgt = target_token(model, spec, target)
-    abl = Ablation.build(spec, T, ablation, means, mean_positions)
+    abl = Ablation.build(spec, T, ablation, means, mean_positions, model=model)
     space = ComponentSpace(spec.n_layers, spec.n_heads, T, per_position)
     C = space.size
     limit = C if scorer != "greedy" or greedy_steps is None else min(int(greedy_steps), C)
@@ -649,6 +672,7 @@ def component_strace(
         check_decomposition(run, node_vectors(run), rel_tol=1e-4 if model_dtype(model) == torch.float32 else 2e-2)
         verify_component_ablation(model, spec, tokens, run.b_O)
         full = torch.log_softmax(run.logits, dim=-1)
+        logit_scale = float(run.logits.abs().max())
         empty = _logprobs(model, spec, tokens, space, torch.zeros(1, C), abl, chunk)
         tv_empty = float(total_variation(full, empty)[0])
         t1 = time.perf_counter()
@@ -676,8 +700,14 @@ def component_strace(
             rows.append(1.0 - kept if c == "inverse" else kept)
         # Metrics chunk by chunk: only per-row numbers are kept, never [rows, vocab].
         out: dict[str, list[Tensor]] = {n: [] for n in ROW_METRICS}
+        # The last "only" row keeps every component (the full model): it must give back the clean
+        # logits, or something outside the hook points changes the model (tl_strace.model.check_full_graph).
+        full_row, start = conds.index("only") * K + K - 1, 0
         for logp in component_logprobs(model, spec, tokens, space, torch.cat(rows), abl, chunk=chunk):
             _check_finite(spec, logp)
+            if start <= full_row < start + logp.shape[0]:
+                check_full_graph(spec, full, logp[full_row - start], logit_scale, model_dtype(model))
+            start += logp.shape[0]
             for n, v in row_metrics(full, logp, tgt, top_k).items():
                 out[n].append(v.cpu())
         timings["evaluate"] = time.perf_counter() - t2
@@ -740,6 +770,7 @@ def component_strace(
 # ---------------------------------------------------------------------------------------------
 # Evaluating named component sets
 # ---------------------------------------------------------------------------------------------
+@serialised
 def evaluate_components(
     model: Any,
     input: str | Tensor | Sequence[int],
@@ -749,7 +780,7 @@ def evaluate_components(
     means: MeanCache | str | os.PathLike | None = None,
     mean_positions: str = "agnostic",
     batch_size: int | None = None,
-    memory_budget: int | None = None,
+    memory_budget: int | str | None = None,
     prepend_bos: bool | None = None,
 ) -> Float[Tensor, "row vocab"]:
     """Last-position log-probabilities with only the named components kept, one row per set.
@@ -760,6 +791,10 @@ def evaluate_components(
     >>> evaluate_components(model, "The capital of France is", [["L0H1", "MLP0"], []])  # doctest: +SKIP
     """
     spec = describe_model(model)
+    ablation = options.check_choice("ablation", ablation, ABLATIONS)
+    mean_positions = options.check_choice("mean_positions", mean_positions, MEAN_POSITIONS)
+    batch_size, memory_budget = options.check_batch_size(batch_size), options.check_memory_budget(memory_budget)
+    prepend_bos = options.check_optional_bool("prepend_bos", prepend_bos)
     require_ready(model)
     tokens = prepare_tokens(model, spec, input, prepend_bos=prepend_bos)
     T = int(tokens.numel())
@@ -776,7 +811,7 @@ def evaluate_components(
         g = grid.reshape(len(keep), L, S, P)
         g[:, L - 1, :, : P - 1] = 1.0
     keep_rows = grid[:, space.cells]
-    abl = Ablation.build(spec, T, ablation, means, mean_positions)
+    abl = Ablation.build(spec, T, ablation, means, mean_positions, model=model)
     chunk = rows_for_budget(spec, T, model_dtype(model), memory_budget=memory_budget, batch_size=batch_size,
                             n_rows=len(keep), edge_space=False, outputs=len(keep))
     if not keep:

@@ -169,12 +169,19 @@ class NodeVectors:
     ``vo[l, s, h]`` is v[s, kv(h)] @ W_O[h]: an attention edge (l, h, t, s) has vector
     ``pattern[l, h, t, s] · vo[l, s, h]``. In the last block every vector has been passed through the
     linearised final norm (METHOD.md §1), so the output node is the normalised final state.
+
+    Under a post-attention norm (sandwich / post-norm blocks, METHOD.md §1) the norm linearised at
+    the clean run, ``u[l, t] ↦ u[l, t] · w[l] · gain[l, t]``, is split between the two factors: its
+    weight is in ``vo`` and its per-target gain in ``pattern`` (which is then *not* the model's
+    attention pattern: that is ``CleanRun.pattern``), so the edge vector is still the product.
+    ``b_O`` is each attention node's constant term, per position (the output bias through that norm
+    plus the norm's bias).
     """
 
     resid_pre: Float[Tensor, "layer pos d_model"]
     vo: Float[Tensor, "layer pos head d_model"]
     pattern: Float[Tensor, "layer head pos pos_src"]
-    b_O: Float[Tensor, "layer d_model"]
+    b_O: Float[Tensor, "layer pos d_model"]
     resid_mid: Float[Tensor, "layer pos d_model"]
     mlp_out: Float[Tensor, "layer pos d_model"]
     resid_post: Float[Tensor, "layer pos d_model"]
@@ -187,7 +194,11 @@ def node_vectors(run: CleanRun) -> NodeVectors:
     v = run.v.repeat_interleave(rep, dim=2)  # [L, T, H, dh]: query head h reads kv head h // rep
     vo = torch.einsum("lshd,lhdm->lshm", v, run.W_O)
     resid_pre, resid_mid, mlp_out, resid_post = run.resid_pre, run.resid_mid, run.mlp_out, run.resid_post
-    b_O = run.b_O
+    b_O = run.attn_const
+    pattern = run.pattern
+    if run.attn_post is not None:  # the linearised post-attention norm: weight into vo, gain into pattern
+        vo = vo * run.attn_post.w[:, None, None, :]
+        pattern = pattern * run.attn_post.gain[:, None, :, None]
     last = spec.n_layers - 1
     f = run.final_norm
 
@@ -199,7 +210,7 @@ def node_vectors(run: CleanRun) -> NodeVectors:
     return NodeVectors(
         resid_pre=norm_last(resid_pre),
         vo=norm_last(vo),
-        pattern=run.pattern,
+        pattern=pattern,
         b_O=norm_last(b_O),
         resid_mid=norm_last(resid_mid),
         mlp_out=norm_last(mlp_out),
@@ -218,6 +229,8 @@ def check_decomposition(run: CleanRun, vec: NodeVectors, *, rel_tol: float = 1e-
 
     * attention node (2l+1, t): ``resid_pre[t] + Σ_{h,s} pattern[h,t,s]·vo[s,h] + b_O == resid_mid[t]``,
       where resid_mid is what the block's MLP reads (``hook_attn_out`` added to the stream);
+    * the heads' sum ``Σ_h z_h @ W_O[h] + b_O`` is the attention output, and under a post-attention
+      norm that norm, linearised at the clean run, maps it to ``hook_attn_out`` at every position;
     * MLP node (2l+2, t): ``resid_mid[t] + mlp_out[t] == resid_post[t]`` (the block's real output);
     * consecutive blocks: ``resid_post[l] == resid_pre[l+1]``;
     * output node: the linearised final norm plus its bias equals the model's own final norm output.
@@ -226,11 +239,18 @@ def check_decomposition(run: CleanRun, vec: NodeVectors, *, rel_tol: float = 1e-
     """
     spec = run.spec
     errs: dict[str, float] = {}
-    attn_sum = torch.einsum("lhts,lshm->ltm", vec.pattern, vec.vo) + vec.b_O[:, None, :]
-    checks = {
+    attn_sum = torch.einsum("lhts,lshm->ltm", vec.pattern, vec.vo) + vec.b_O
+    heads = torch.einsum("lthd,lhdm->ltm", run.z, run.W_O) + run.b_O[:, None, :]
+    checks: dict[str, tuple[Tensor, Tensor]] = {}
+    if run.attn_post is None:
+        checks["attention output (sum over heads of z @ W_O + b_O vs hook_attn_out)"] = (heads, run.attn_out)
+    else:  # sandwich / post-norm: the heads feed the post-attention norm, whose output is added
+        pn = run.attn_post
+        checks["attention output (sum over heads of z @ W_O + b_O vs ln1_post.hook_in)"] = (heads, pn.inp)
+        checks["post-attention norm (linearised at the clean run, vs hook_attn_out)"] = (
+            pn.linear(pn.inp) + pn.b[:, None, :], run.attn_out)
+    checks |= {
         "attention node (edges into resid_mid)": (vec.resid_pre + attn_sum, vec.resid_mid),
-        "attention output (sum over heads of z @ W_O + b_O vs hook_attn_out)": (
-            torch.einsum("lthd,lhdm->ltm", run.z, run.W_O) + run.b_O[:, None, :], run.attn_out),
         "MLP node (edges into resid_post)": (run.resid_pre + run.attn_out + run.mlp_out, run.resid_post),
         "block boundary (resid_post[l] == resid_pre[l+1])": (run.resid_post[:-1], run.resid_pre[1:]),
         "output node (linearised final norm)": (run.final_norm(run.resid_post[-1, -1]) + run.norm_b, run.final_out),

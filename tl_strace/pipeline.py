@@ -7,7 +7,7 @@ evaluation → metrics → result. Every precondition is checked before the firs
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -15,43 +15,52 @@ from torch import Tensor
 
 from tl_strace._version import __version__
 from tl_strace.ablation import CONDITIONS, MaskRow, check_conditions, masked_logprobs, verify_attention_masking
+from tl_strace import options
 from tl_strace.errors import InputError
 from tl_strace.graph import EdgeLayout, Graph, check_decomposition, node_vectors
 from tl_strace.memory import rows_for_budget
 from tl_strace.metrics import ROW_METRICS, entropy, row_metrics, target_stats, top_tokens
 from tl_strace.model import (
+    check_full_graph,
     clean_run,
     describe_model,
     model_dtype,
     model_guard,
     prepare_tokens,
     require_ready,
+    serialised,
     str_tokens,
     target_token,
 )
 from tl_strace.results import StraceResult
-from tl_strace.search import STRATIFICATIONS, Strata, check_sizes, random_strata
-from tl_strace.weights import WEIGHTS, compute_weights
+from tl_strace.search import STRATIFICATIONS, Strata, random_strata
+from tl_strace.weights import compute_weights
 
 __all__ = ["CONDITIONS", "check_model", "strace"]
 
 
-def _check_options(method: str, weights: str, conditions: Sequence[str], sizes: Sequence[float] | None,
-                   taus: Sequence[float] | None, top_k: int) -> tuple[str, ...]:
-    if method not in STRATIFICATIONS:
-        raise InputError(f"Unknown method {method!r}; choose one of {sorted(STRATIFICATIONS)}.")
-    if weights not in WEIGHTS:
-        raise InputError(f"Unknown weights {weights!r}; choose one of {sorted(WEIGHTS)}.")
-    conds = check_conditions(conditions)
+def _check_options(method: Any, weights: Any, conditions: Any, sizes: Any, taus: Any, top_k: Any, seed: Any,
+                   batch_size: Any, memory_budget: Any, prepend_bos: Any, ablate_attention: Any) -> tuple[Any, ...]:
+    """Every option of :func:`strace` checked (:mod:`tl_strace.options`) before any work, in canonical form:
+    ``(conditions, sizes, taus, top_k, seed, batch_size, memory_budget, prepend_bos, ablate_attention)``.
+
+    Iterables are read once here (``sizes``/``taus`` come back as tuples), ``memory_budget`` may be
+    text such as ``"1GiB"`` (returned in bytes), and NumPy/torch integer scalars become ``int``.
+    """
+    method = options.check_method(method)
+    options.check_weights(weights)
+    conds = check_conditions(options.check_conditions(conditions))
     if method == "strace":
         if taus is not None:
             raise InputError("taus apply to method='threshold' or 'nucleus'; s-Trace takes sizes.")
-        check_sizes(sizes)
+        sizes = options.check_sizes(sizes)  # the rules of tl_strace.search.check_sizes, read once
     elif sizes is not None:
         raise InputError(f"method={method!r} builds strata from taus (weight thresholds); pass taus=..., not sizes.")
-    if top_k < 1:
-        raise InputError(f"top_k must be at least 1; got {top_k}.")
-    return conds
+    else:
+        taus = options.check_taus(taus)
+    return (conds, sizes, taus, options.check_top_k(top_k), options.check_seed(seed),
+            options.check_batch_size(batch_size), options.check_memory_budget(memory_budget),
+            options.check_optional_bool("prepend_bos", prepend_bos), options.check_bool("ablate_attention", ablate_attention))
 
 
 def _reaches_input(strata: Strata, layout: EdgeLayout) -> Tensor:
@@ -64,6 +73,7 @@ def _reaches_input(strata: Strata, layout: EdgeLayout) -> Tensor:
     return torch.arange(strata.n_strata) >= first
 
 
+@serialised
 def check_model(model: Any, input: str | Tensor | Sequence[int], *,
                 prepend_bos: bool | None = None) -> dict[str, float]:
     """Run every exactness check tl_strace relies on, on ``input``, and return the worst errors.
@@ -91,33 +101,39 @@ def check_model(model: Any, input: str | Tensor | Sequence[int], *,
         verify_attention_masking(model, spec, tokens, run.b_O)
         everything = torch.zeros(layout.size, dtype=torch.long)
         (logp,) = list(masked_logprobs(model, spec, tokens, layout, [everything], [MaskRow(0, 0)], chunk=1))
-    errs["full graph logits"] = float((logp[0] - torch.log_softmax(run.logits, -1)).abs().max())
+    errs["full graph logits"] = check_full_graph(spec, torch.log_softmax(run.logits, -1), logp[0],
+                                                 float(run.logits.abs().max()), model_dtype(model))
     return errs
 
 
+@serialised
 def strace(
     model: Any,
     input: str | Tensor | Sequence[int],
     *,
-    sizes: Sequence[float] | None = None,
+    sizes: Iterable[float] | None = None,
     method: str = "strace",
-    taus: Sequence[float] | None = None,
+    taus: Iterable[float] | None = None,
     weights: str = "l1",
-    conditions: Sequence[str] = CONDITIONS,
-    target: int | str | None = None,
+    conditions: Iterable[str] = CONDITIONS,
+    target: int | str | Tensor | None = None,
     seed: int = 0,
     top_k: int = 5,
     batch_size: int | None = None,
-    memory_budget: int | None = None,
+    memory_budget: int | str | None = None,
     prepend_bos: bool | None = None,
     ablate_attention: bool = True,
 ) -> StraceResult:
     """Trace one input: find nested subgraphs that best reproduce the model's next-token
     distribution, evaluate them by masked forward passes, and measure how dense the computation is.
 
+    Thread-safe: calls on one model are serialised; calls on different models run in parallel.
+    Every call checks that keeping every edge reproduces the model's logits, and raises
+    :class:`~tl_strace.errors.DecompositionError` if not (a raw hook or patch it could not see).
+
     Args:
         model: a ``TransformerBridge`` (TransformerLens 4) or ``HookedTransformer``, in eval mode,
-            with no hooks attached.
+            with no hooks attached (neither at hook points nor as raw PyTorch hooks).
         input: text (tokenized with the model's ``to_tokens``) or a token tensor ``[pos]`` / ``[1, pos]``.
             The prediction studied is the token after the last one.
         sizes: s-Trace target sizes in (0, 1], strictly increasing; default paper B's 26 (+ full).
@@ -128,7 +144,8 @@ def strace(
         seed: seed of the random baseline.
         top_k: how many top tokens to keep per stratum.
         batch_size: masks per forward pass; default: as many as ``memory_budget`` allows.
-        memory_budget: the most extra memory (bytes) the whole call may use, by the upper bound of
+        memory_budget: the most extra memory the whole call may use (bytes, or text such as ``"1GiB"``,
+            ``"512MB"``: :func:`tl_strace.options.parse_bytes`), by the upper bound of
             :func:`tl_strace.memory.estimate_memory`; a budget the input cannot fit is refused before
             any work, saying how much it needs. Default ``None``: each masked forward gets up to 1 GiB
             of rows and the rest is whatever the input needs.
@@ -145,7 +162,8 @@ def strace(
     """
     t0 = time.perf_counter()
     spec = describe_model(model)
-    conds = _check_options(method, weights, conditions, sizes, taus, top_k)
+    conds, sizes, taus, top_k, seed, batch_size, memory_budget, prepend_bos, ablate_attention = _check_options(
+        method, weights, conditions, sizes, taus, top_k, seed, batch_size, memory_budget, prepend_bos, ablate_attention)
     require_ready(model)
     tokens = prepare_tokens(model, spec, input, prepend_bos=prepend_bos)
     tgt = target_token(model, spec, target)
@@ -164,6 +182,7 @@ def strace(
         verify_attention_masking(model, spec, tokens, run.b_O)
         graph: Graph = compute_weights(vec, layout, weights)
         full = torch.log_softmax(run.logits, dim=-1)
+        logit_scale = float(run.logits.abs().max())
         del run, vec  # the clean activations are not needed past here; free them before the search
         t2 = time.perf_counter()
         timings["graph"] = t2 - t1
@@ -181,11 +200,18 @@ def strace(
         chunk = rows_for_budget(spec, layout.n_pos, model_dtype(model), memory_budget=memory_budget,
                                 batch_size=batch_size, n_rows=len(rows), random="random" in conds)
         out: dict[str, list[Tensor]] = {n: [] for n in ROW_METRICS}
+        # The last stratum of every method is the full graph (every valid edge; the others cannot
+        # reach the last position), so its row must give back the clean logits: checked on every
+        # call, it catches what require_ready cannot see (a patched module, a stateful model).
+        full_row, start = conds.index("only") * K + K - 1, 0
         for logp in masked_logprobs(model, spec, tokens, layout, tables, rows, chunk=chunk,
                                     ablate_attention=ablate_attention):
             if not torch.isfinite(logp).all():
                 raise InputError(f"{spec.name} produced non-finite logits under a masked forward; "
                                  "run the model in float32.")
+            if start <= full_row < start + logp.shape[0]:
+                check_full_graph(spec, full, logp[full_row - start], logit_scale, model_dtype(model))
+            start += logp.shape[0]
             for n, v in row_metrics(full, logp, tgt, top_k).items():
                 out[n].append(v)
         timings["evaluate"] = time.perf_counter() - t3
