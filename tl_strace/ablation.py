@@ -16,6 +16,10 @@ Zero ablation, recomputing everything downstream:
   stream itself (editing it would leave the skip connection untouched).
 
 *inverse* rows remove the subgraph's attention and MLP edges and keep every residual edge.
+
+Parallel attention/MLP blocks (``layout.parallel``): the block's one skip edge (the ``res_attn``
+slot) removed → ``out[t] = attn_out[t] + mlp_out[t]`` while both sublayers still read the block
+input; the hook subtracts ``(1 − keep) · resid_pre[t]`` from the MLP output.
 """
 
 from __future__ import annotations
@@ -111,10 +115,18 @@ def _hooks(spec: ModelSpec, layout: EdgeLayout, tables: tuple[Tensor, Tensor, Te
             drop_r = (~((rm_t[tab, l] <= k2) | inv2))[..., None].to(m.dtype)
             return keep_m * m - drop_r * state.pop("mid")
 
+        def parallel_mlp_out_hook(m: Tensor, hook: Any, l: int = l) -> Tensor:
+            keep_m = ((m_t[tab, l] <= k2) ^ inv2)[..., None].to(m.dtype)
+            drop_r = (~((ra_t[tab, l] <= k2) | inv2))[..., None].to(m.dtype)  # the block's one skip edge
+            return keep_m * m - drop_r * state.pop("x")
+
         hooks += [(hook_name("resid_pre", l), pre_hook)]
         if ablate_attention:
             hooks.append((hook_name("pattern", l), pattern_hook))
-        hooks += [(hook_name("attn_out", l), attn_out_hook), (hook_name("mlp_out", l), mlp_out_hook)]
+        if layout.parallel:  # attention output untouched; skip and MLP edges act on the MLP output
+            hooks.append((hook_name("mlp_out", l), parallel_mlp_out_hook))
+        else:
+            hooks += [(hook_name("attn_out", l), attn_out_hook), (hook_name("mlp_out", l), mlp_out_hook)]
     return hooks
 
 

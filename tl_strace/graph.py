@@ -14,6 +14,13 @@ No per-edge Python object is ever built: weights, labels and masks are flat tens
 and are viewed back into the four blocks with :meth:`EdgeLayout.split`. Only edges that are
 ancestors of the output node ``(2L, T-1)`` belong to the graph (``Graph.valid``); in the last block
 that is position ``T-1`` alone.
+
+Parallel attention/MLP blocks (``EdgeLayout(..., parallel=True)``; GPT-NeoX/Pythia, GPT-J, Phi) have
+one node per block and position, the block output ``(2l+2, t)``; no node ``(2l+1, t)`` is in the
+graph. The same flat space is used with other meanings: ``res_attn[l, t]`` is the block's one skip
+edge ``(2l, t) → (2l+2, t)`` (vector resid_pre[t]), ``mlp[l, t]`` the MLP edge from ``(2l, t)``
+(mlp_out[t]), attention edges go from ``(2l, s)`` to ``(2l+2, t)``, and the ``res_mlp`` slots are no
+edges (never ``valid``). Keeping the graph layers lets every consumer read node ids the same way.
 """
 
 from __future__ import annotations
@@ -63,6 +70,8 @@ class EdgeLayout:
     n_layers: int
     n_heads: int
     n_pos: int
+    parallel: bool = False
+    """Parallel attention/MLP blocks: one node per block and position (module docstring)."""
 
     @property
     def n_attn(self) -> int:
@@ -120,25 +129,31 @@ class EdgeLayout:
         d = self.decode(ids)
         T = self.n_pos
         kind, layer = d["type"], d["layer"]
-        src_g = torch.where((kind == EdgeType.ATTN) | (kind == EdgeType.RES_ATTN), 2 * layer, 2 * layer + 1)
-        tgt_g = src_g + 1
+        if self.parallel:  # every in-edge of block node (2l+2, t) leaves a node of graph layer 2l
+            src_g, tgt_g = 2 * layer, 2 * layer + 2
+        else:
+            src_g = torch.where((kind == EdgeType.ATTN) | (kind == EdgeType.RES_ATTN), 2 * layer, 2 * layer + 1)
+            tgt_g = src_g + 1
         return src_g * T + d["source"], tgt_g * T + d["target"]
 
     def ancestors(self) -> Bool[Tensor, "edge"]:
         """Edges that can reach the output node: causal attention edges, and in the last block only
-        the edges into position T-1."""
+        the edges into position T-1 (in parallel blocks, no ``res_mlp`` slot is an edge)."""
         L, H, T = self.n_layers, self.n_heads, self.n_pos
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         attn = causal.expand(L, H, T, T).clone()
         local = torch.ones(L, T, dtype=torch.bool)
         attn[L - 1, :, : T - 1] = False
         local[L - 1, : T - 1] = False
-        return self.join(attn, local, local.clone(), local.clone())
+        res_mlp = torch.zeros_like(local) if self.parallel else local.clone()
+        return self.join(attn, local, local.clone(), res_mlp)
 
     def n_edges_formula(self) -> int:
-        """|E| in closed form: (L-1)·(H·T(T+1)/2 + 3T) + (H·T + 3)."""
+        """|E| in closed form: (L-1)·(H·T(T+1)/2 + 3T) + (H·T + 3); parallel blocks have one
+        token-local edge fewer per node: (L-1)·(H·T(T+1)/2 + 2T) + (H·T + 2)."""
         L, H, T = self.n_layers, self.n_heads, self.n_pos
-        return (L - 1) * (H * T * (T + 1) // 2 + 3 * T) + H * T + 3
+        n_local = 2 if self.parallel else 3
+        return (L - 1) * (H * T * (T + 1) // 2 + n_local * T) + H * T + n_local
 
 
 @dataclass(frozen=True)
@@ -185,6 +200,10 @@ class NodeVectors:
     resid_mid: Float[Tensor, "layer pos d_model"]
     mlp_out: Float[Tensor, "layer pos d_model"]
     resid_post: Float[Tensor, "layer pos d_model"]
+    parallel: bool = False
+    """Parallel attention/MLP blocks: the node (2l+2, t) is ``resid_post`` and its in-edges are the skip
+    (``resid_pre``), the attention edges and the MLP edge (``mlp_out``); ``resid_mid`` is then only
+    ``resid_pre + attn_out``, no node."""
 
 
 def node_vectors(run: CleanRun) -> NodeVectors:
@@ -215,6 +234,7 @@ def node_vectors(run: CleanRun) -> NodeVectors:
         resid_mid=norm_last(resid_mid),
         mlp_out=norm_last(mlp_out),
         resid_post=norm_last(resid_post),
+        parallel=spec.parallel,
     )
 
 
@@ -232,6 +252,8 @@ def check_decomposition(run: CleanRun, vec: NodeVectors, *, rel_tol: float = 1e-
     * the heads' sum ``Σ_h z_h @ W_O[h] + b_O`` is the attention output, and under a post-attention
       norm that norm, linearised at the clean run, maps it to ``hook_attn_out`` at every position;
     * MLP node (2l+2, t): ``resid_mid[t] + mlp_out[t] == resid_post[t]`` (the block's real output);
+    * parallel blocks instead: block node (2l+2, t):
+      ``resid_pre[t] + Σ_{h,s} pattern[h,t,s]·vo[s,h] + b_O + mlp_out[t] == resid_post[t]``;
     * consecutive blocks: ``resid_post[l] == resid_pre[l+1]``;
     * output node: the linearised final norm plus its bias equals the model's own final norm output.
 
@@ -249,9 +271,17 @@ def check_decomposition(run: CleanRun, vec: NodeVectors, *, rel_tol: float = 1e-
         checks["attention output (sum over heads of z @ W_O + b_O vs ln1_post.hook_in)"] = (heads, pn.inp)
         checks["post-attention norm (linearised at the clean run, vs hook_attn_out)"] = (
             pn.linear(pn.inp) + pn.b[:, None, :], run.attn_out)
+    if vec.parallel:  # one node per block and position: skip + attention edges + b_O + MLP edge
+        checks["block node (skip, attention and MLP edges into resid_post)"] = (
+            vec.resid_pre + attn_sum + vec.mlp_out, vec.resid_post)
+        checks["block output (resid_pre + attn_out + mlp_out == resid_post)"] = (
+            run.resid_pre + run.attn_out + run.mlp_out, run.resid_post)
+    else:
+        checks |= {
+            "attention node (edges into resid_mid)": (vec.resid_pre + attn_sum, vec.resid_mid),
+            "MLP node (edges into resid_post)": (run.resid_pre + run.attn_out + run.mlp_out, run.resid_post),
+        }
     checks |= {
-        "attention node (edges into resid_mid)": (vec.resid_pre + attn_sum, vec.resid_mid),
-        "MLP node (edges into resid_post)": (run.resid_pre + run.attn_out + run.mlp_out, run.resid_post),
         "block boundary (resid_post[l] == resid_pre[l+1])": (run.resid_post[:-1], run.resid_pre[1:]),
         "output node (linearised final norm)": (run.final_norm(run.resid_post[-1, -1]) + run.norm_b, run.final_out),
     }

@@ -411,6 +411,18 @@ class _SumHook:
 
 
 @serialised
+def _is_mean_cache_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a safetensors file written as a mean cache (damaged or not): only such a
+    file may be replaced by a recomputed cache; anything else is the user's data."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            return _META_KEY in (f.metadata() or {})
+    except Exception:  # not safetensors at all
+        return False
+
+
 def compute_means(model: Any, reference: Reference, *, roles: Sequence[str] = DEFAULT_ROLES,
                   path: str | os.PathLike | None = None, prepend_bos: bool | None = None,
                   batch_size: int = 16) -> MeanCache:
@@ -447,6 +459,11 @@ def compute_means(model: Any, reference: Reference, *, roles: Sequence[str] = DE
         try:
             cached: MeanCache | None = MeanCache.load(path)
         except ResultsError as e:
+            if not _is_mean_cache_file(path):
+                raise InputError(
+                    f"path={os.fspath(path)!r} holds a file that is not a tl_strace mean cache; compute_means "
+                    "would overwrite it. Pass another path, or delete the file if it is not needed."
+                ) from e
             logger.warning("Mean cache %s cannot be reused (%s); recomputing.", path, e)
             cached = None
         if cached is not None:

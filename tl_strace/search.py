@@ -136,7 +136,10 @@ def target_counts(sizes: Sequence[float], n_edges: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 def _rows(layout: EdgeLayout, weights: Tensor) -> tuple[Tensor, ...]:
     """In-edge rows per target node: (weights, edge ids, source nodes, valid) for attention nodes
-    ``[L, T, 1+H·T]`` and MLP nodes ``[L, T, 2]``, columns in canonical order."""
+    ``[L, T, 1+H·T]`` and MLP nodes ``[L, T, 2]``, columns in canonical order.
+
+    Parallel blocks: the first rows are the block nodes ``(2l+2, t)``, ``[L, T, 1+H·T+1]`` (skip,
+    attention edges, then the MLP edge), and the MLP rows are empty ``[L, T, 0]``."""
     L, H, T = layout.n_layers, layout.n_heads, layout.n_pos
     w_a, w_ra, w_m, w_rm = layout.split(weights.double())
     lidx = torch.arange(L)[:, None]
@@ -153,7 +156,19 @@ def _rows(layout: EdgeLayout, weights: Tensor) -> tuple[Tensor, ...]:
     I_mlp = torch.stack([layout.offset(EdgeType.RES_MLP) + lidx * T + tidx, layout.offset(EdgeType.MLP) + lidx * T + tidx], dim=-1).expand(L, T, 2)
     S_mlp = ((2 * lidx + 1) * T + tidx)[..., None].expand(L, T, 2)
     V_mlp = torch.ones(L, T, 2, dtype=torch.bool)
+    if layout.parallel:  # the MLP edge (source (2l, t)) joins the block node's row; no MLP nodes
+        W_att = torch.cat([W_att, w_m[..., None]], dim=-1)
+        I_att = torch.cat([I_att, I_mlp[..., 1:]], dim=-1)
+        S_att = torch.cat([S_att, S_att[..., :1]], dim=-1)
+        V_att = torch.cat([V_att, torch.ones(L, T, 1, dtype=torch.bool)], dim=-1)
+        W_mlp, I_mlp, S_mlp, V_mlp = W_mlp[..., :0], I_mlp[..., :0], S_mlp[..., :0], V_mlp[..., :0]
     return W_att, I_att, S_att, V_att, W_mlp, I_mlp, S_mlp, V_mlp
+
+
+def _row_nodes(layout: EdgeLayout, l: int) -> tuple[tuple[int, int], ...]:
+    """``(row kind, graph layer)`` of block ``l``'s target nodes, top first: kind 0 the rows
+    ``W_att…`` of :func:`_rows`, kind 1 ``W_mlp…``. Parallel blocks have only the block node."""
+    return ((0, 2 * l + 2),) if layout.parallel else ((1, 2 * l + 2), (0, 2 * l + 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,6 +195,12 @@ def bottlenecks(graph: Graph) -> tuple[Float[Tensor, "edge"], Float[Tensor, "nod
     node_B[2 * L, T - 1] = math.inf
     for l in range(L - 1, -1, -1):
         B_post = node_B[2 * l + 2]
+        if layout.parallel:  # every in-edge of block node (2l+2, t) leaves a node of layer 2l
+            b_m[l] = torch.minimum(B_post, w_m[l])
+            b_ra[l] = torch.minimum(B_post, w_ra[l])
+            b_a[l] = torch.minimum(B_post[None, :, None], w_a[l])
+            node_B[2 * l] = torch.maximum(torch.maximum(b_ra[l], b_m[l]), b_a[l].amax(dim=(0, 1)))
+            continue
         b_m[l] = torch.minimum(B_post, w_m[l])
         b_rm[l] = torch.minimum(B_post, w_rm[l])
         node_B[2 * l + 1] = B_mid = torch.maximum(b_m[l], b_rm[l])  # both leave node (2l+1, t)
@@ -273,11 +294,13 @@ class _RunContext:
 
 def _canonical(layout: EdgeLayout, ids: Tensor) -> Tensor:
     """Each edge's position among its target node's in-edges: residual 0, then attention edges
-    head-major and source-minor (1 + h·(t+1) + s), or the MLP edge (1)."""
+    head-major and source-minor (1 + h·(t+1) + s), or the MLP edge (1; in a parallel block node,
+    after the attention edges: 1 + H·(t+1))."""
     d = layout.decode(ids)
     kind = d["type"]
     attn = 1 + d["head"] * (d["target"] + 1) + d["source"]
-    return torch.where(kind == EdgeType.ATTN, attn, (kind == EdgeType.MLP).long())
+    mlp_col = 1 + layout.n_heads * (d["target"] + 1) if layout.parallel else torch.ones_like(ids)
+    return torch.where(kind == EdgeType.ATTN, attn, torch.where(kind == EdgeType.MLP, mlp_col, torch.zeros_like(ids)))
 
 
 def _replay_run(ctx: _RunContext, r: int, offset: int, s0: int, s1: int) -> list[int]:
@@ -329,8 +352,10 @@ def reference_strace_order(graph: Graph, n_max: int | None = None) -> Int[Tensor
         for t in range(T):
             row = [(float(W_att[l, t, c]), int(I_att[l, t, c]), int(S_att[l, t, c]))
                    for c in range(W_att.shape[-1]) if V_att[l, t, c]]
-            in_edges[(2 * l + 1) * T + t] = row
-            in_edges[(2 * l + 2) * T + t] = [(float(W_mlp[l, t, c]), int(I_mlp[l, t, c]), int(S_mlp[l, t, c])) for c in range(2)]
+            in_edges[(2 * l + 2 if layout.parallel else 2 * l + 1) * T + t] = row
+            if not layout.parallel:
+                in_edges[(2 * l + 2) * T + t] = [(float(W_mlp[l, t, c]), int(I_mlp[l, t, c]), int(S_mlp[l, t, c]))
+                                                 for c in range(2)]
     heap: list[tuple[float, int, int, int]] = []
     counter = 0
 
@@ -477,7 +502,7 @@ def nucleus_strata(graph: Graph, taus: Sequence[float] | None = None) -> Strata:
         reach[layout.output_node] = True
         keep = torch.zeros(layout.size, dtype=torch.bool)
         for l in range(L - 1, -1, -1):
-            for kind, g in ((1, 2 * l + 2), (0, 2 * l + 1)):
+            for kind, g in _row_nodes(layout, l):
                 cum, ids, srcs, cnt = (x[l] for x in sorted_rows[kind])
                 n_keep = torch.clamp((cum < tau - 1e-12).sum(-1) + 1, max=cnt)  # [T]
                 row_on = reach[g * T + torch.arange(T)]

@@ -8,6 +8,10 @@ weights sum to 1 over every node's in-edges. Schemes are registered by name in :
 * ``"ifr"`` (paper A option): proximity ``p_j = ‖y‖₁ − ‖y − z_j‖₁`` shifted by ``|min_k p_k|`` (no clamp at
   0), normalised to sum to 1 over the node's in-edges. This one does materialise the attention edge
   vectors, one target position at a time.
+
+In parallel attention/MLP blocks (``vec.parallel``) a block node's in-edges are its skip, its
+attention edges and its MLP edge, normalised together (:func:`_normalise_parallel`); the ``res_mlp``
+block of the result is all 0 (no such edge).
 """
 
 from __future__ import annotations
@@ -40,6 +44,22 @@ def _normalise(attn: Tensor, res_attn: Tensor, mlp: Tensor, res_mlp: Tensor, cau
     return attn, res_attn, mlp_w, res_mlp_w
 
 
+def _normalise_parallel(attn: Tensor, res: Tensor, mlp: Tensor, causal: Tensor
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_normalise` for a parallel block node (2l+2, t), whose 2 + H·(t+1) in-edges are the skip
+    (``res``, in the ``res_attn`` slot), the attention edges and the MLP edge (uniform where the
+    scores sum to 0). Returns the four blocks, ``res_mlp`` all 0."""
+    attn = attn * causal
+    tot = res + attn.sum(dim=(1, 3)) + mlp  # [L, T]
+    n_in = 2 + causal.sum(dim=(1, 3))
+    zero = tot <= 0
+    safe = torch.where(zero, torch.ones_like(tot), tot)
+    attn = torch.where(zero[:, None, :, None], causal / n_in[:, None, :, None], attn / safe[:, None, :, None])
+    res = torch.where(zero, 1.0 / n_in, res / safe)
+    mlp = torch.where(zero, 1.0 / n_in, mlp / safe)
+    return attn, res, mlp, torch.zeros_like(mlp)
+
+
 def _causal(vec: NodeVectors) -> Tensor:
     L, H, T, _ = vec.pattern.shape
     return torch.ones(T, T, dtype=vec.pattern.dtype, device=vec.pattern.device).tril().expand(L, H, T, T)
@@ -51,6 +71,8 @@ def l1_weights(vec: NodeVectors) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     attn = vec.pattern * vo_l1.permute(0, 2, 1)[:, :, None, :]  # [L, H, T, S]
     res_attn = vec.resid_pre.abs().sum(-1)
     mlp = vec.mlp_out.abs().sum(-1)
+    if vec.parallel:
+        return _normalise_parallel(attn, res_attn, mlp, _causal(vec))
     res_mlp = vec.resid_mid.abs().sum(-1)
     return _normalise(attn, res_attn, mlp, res_mlp, _causal(vec))
 
@@ -61,12 +83,19 @@ def ifr_weights(vec: NodeVectors) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     causal = _causal(vec)
     attn = torch.zeros_like(vec.pattern)
     res_attn = torch.zeros(L, T, dtype=vec.pattern.dtype, device=vec.pattern.device)
-    y_a = vec.resid_mid  # attention-node vectors, b_O included: the node is Σ edges + b_O
+    # attention-node vectors, b_O included: the node is Σ edges + b_O (parallel blocks: the block node)
+    y_a = vec.resid_post if vec.parallel else vec.resid_mid
     y_norm = y_a.abs().sum(-1)  # [L, T]
     for t in range(T):  # per target position: [L, H, t+1, d] edge vectors at a time
         z = vec.pattern[:, :, t, : t + 1, None] * vec.vo[:, : t + 1].permute(0, 2, 1, 3)  # [L, H, S, d]
         attn[:, :, t, : t + 1] = y_norm[:, t, None, None] - (y_a[:, t, None, None, :] - z).abs().sum(-1)
     res_attn = y_norm - (y_a - vec.resid_pre).abs().sum(-1)
+    if vec.parallel:  # one node: skip, attention and MLP proximities share one shift
+        mlp = y_norm - (y_a - vec.mlp_out).abs().sum(-1)
+        big = torch.finfo(attn.dtype).max
+        lo = torch.minimum(torch.minimum(res_attn, mlp), attn.masked_fill(causal == 0, big).amin(dim=(1, 3)))
+        shift = lo.abs()
+        return _normalise_parallel((attn + shift[:, None, :, None]) * causal, res_attn + shift, mlp + shift, causal)
     y_m = vec.resid_post
     ym_norm = y_m.abs().sum(-1)
     mlp = ym_norm - (y_m - vec.mlp_out).abs().sum(-1)
@@ -91,6 +120,9 @@ def compute_weights(vec: NodeVectors, layout: EdgeLayout, scheme: str = "l1") ->
     """The weighted graph of one input under weighting ``scheme`` (a key of :data:`WEIGHTS`)."""
     if scheme not in WEIGHTS:
         raise InputError(f"Unknown weight scheme {scheme!r}; choose one of {sorted(WEIGHTS)}.")
+    if layout.parallel != vec.parallel:
+        raise InputError(f"The edge layout (parallel={layout.parallel}) does not match the node vectors "
+                         f"(parallel={vec.parallel}); build both from the same model spec (spec.parallel).")
     blocks = WEIGHTS[scheme](vec)
     flat: Float[Tensor, "edge"] = layout.join(*blocks).float().cpu()
     valid = layout.ancestors()

@@ -270,3 +270,28 @@ def test_mean_cache_without_checksum_or_fingerprint_still_loads(gpt2_model, save
     assert fresh.model_fingerprint == weights_fingerprint(gpt2_model)
     assert MeanCache.load(path).model_fingerprint == fresh.model_fingerprint
     assert not math.isnan(float(fresh.means["z"].sum()))
+
+
+def test_compute_means_never_overwrites_a_file_that_is_not_a_mean_cache(gpt2_model, tmp_path):
+    """A path holding the user's other data (a saved result, any file) is refused, not replaced;
+    a damaged mean cache of ours is recomputed in place (it is a cache)."""
+    import tl_strace as ts
+
+    toks = torch.tensor([0, 5, 17, 3, 42, 8])
+    res = ts.strace(gpt2_model, toks, conditions=("only",))
+    p = tmp_path / "result.safetensors"
+    res.save(p)
+    before = p.read_bytes()
+    other = tmp_path / "notes.safetensors"
+    other.write_text("my notes")
+    for path in (p, other):
+        with pytest.raises(ts.InputError, match="not a tl_strace mean cache"):
+            ts.compute_means(gpt2_model, [toks], path=path)
+    assert p.read_bytes() == before and other.read_text() == "my notes"
+    cache = tmp_path / "means.safetensors"
+    ts.compute_means(gpt2_model, [toks], path=cache)
+    raw = bytearray(cache.read_bytes())
+    raw[-3] ^= 0xFF  # damage the tensor data: the checksum no longer matches
+    cache.write_bytes(bytes(raw))
+    again = ts.compute_means(gpt2_model, [toks], path=cache)
+    assert ts.MeanCache.load(cache).fingerprint == again.fingerprint
