@@ -52,8 +52,25 @@ def counted(gpt2_model):
     assert not any(m.training for m in gpt2_model.modules())
 
 
-def _gen(values):
-    return (v for v in values)
+class _gen:
+    """A one-shot generator of ``values``, made afresh for each test that receives it.
+
+    A generator object placed in a ``parametrize`` table is created once at collection; under
+    TransformerLens 3.9 the same case runs for the bridge and the HookedTransformer, and the second
+    run would get an exhausted generator. Iterating a ``_gen`` yields each value once per ``iter``
+    call made by a fresh :func:`_fresh` copy; the library sees a real generator.
+    """
+
+    def __init__(self, values):
+        self.values = list(values)
+
+    def __iter__(self):
+        return (v for v in self.values)
+
+
+def _fresh(kwargs):
+    """``kwargs`` with every :class:`_gen` replaced by a real (single-use) generator."""
+    return {k: (iter(v) if isinstance(v, _gen) else v) for k, v in kwargs.items()}
 
 
 STRACE_CASES = [
@@ -112,7 +129,7 @@ STRACE_CASES = [
 def test_strace_refuses_before_any_forward(counted, inp, kwargs, words):
     model, calls = counted
     with pytest.raises(InputError) as e:
-        strace(model, inp, **kwargs)
+        strace(model, inp, **_fresh(kwargs))
     msg = str(e.value)
     assert words in msg and "\n" not in msg, msg
     assert calls == [], f"{len(calls)} forward pass(es) ran before the error"
@@ -123,7 +140,7 @@ def test_strace_accepts_the_reasonable_variants(counted):
     model, _ = counted
     ref = ts.strace(model, TOKS, sizes=[0.1, 0.5], conditions=["only"], seed=3, target=5, top_k=2)
     # within the annotations, so through the type-checked entry point too
-    res = ts.strace(model, TOKS, sizes=_gen([0.1, 0.5]), conditions=_gen(["only"]), seed=3,
+    res = ts.strace(model, TOKS, sizes=iter(_gen([0.1, 0.5])), conditions=iter(_gen(["only"])), seed=3,
                     target=torch.tensor([5]), top_k=2, memory_budget="1GiB")
     # NumPy / torch scalars, which a user's code passes as often as ints
     res_np = strace(model, TOKS, sizes=np.array([0.1, 0.5]), conditions=("only",), seed=np.int64(3),
@@ -135,7 +152,7 @@ def test_strace_accepts_the_reasonable_variants(counted):
         assert type(r.config["ablate_attention"]) is bool
         # the same computation on the same input and masks: equal up to batching of the masked rows
         torch.testing.assert_close(r.tv_all, ref.tv_all)
-    thr = ts.strace(model, TOKS, method="threshold", taus=_gen([0.5, 0.1]), conditions=["only"])
+    thr = ts.strace(model, TOKS, method="threshold", taus=iter(_gen([0.5, 0.1])), conditions=["only"])
     assert {0.1, 0.5} <= set(thr.config["taus"])  # (plus tau = 0, the full graph)
 
 
@@ -167,7 +184,7 @@ COMPONENT_CASES = [
 def test_component_strace_refuses_before_any_forward(counted, kwargs, words):
     model, calls = counted
     with pytest.raises(InputError) as e:
-        component_strace(model, TOKS, **kwargs)
+        component_strace(model, TOKS, **_fresh(kwargs))
     msg = str(e.value)
     assert words in msg and "\n" not in msg, msg
     assert calls == []
@@ -183,13 +200,13 @@ def test_component_strace_refuses_before_any_forward(counted, kwargs, words):
 def test_evaluate_components_refuses_before_any_forward(counted, kwargs, words):
     model, calls = counted
     with pytest.raises(InputError, match=words):
-        evaluate_components(model, TOKS, [["L0H1"]], **kwargs)
+        evaluate_components(model, TOKS, [["L0H1"]], **_fresh(kwargs))
     assert calls == []
 
 
 def test_component_strace_accepts_text_budgets_and_generators(counted):
     model, _ = counted
-    res = component_strace(model, TOKS, sizes=_gen([0.5]), memory_budget="1GiB", seed=np.int64(1),
+    res = component_strace(model, TOKS, sizes=iter(_gen([0.5])), memory_budget="1GiB", seed=np.int64(1),
                               greedy_steps=None)
     assert res.sizes.tolist()[-1] == 1.0
 
@@ -227,7 +244,7 @@ def test_corpus_runner_refuses_options_before_any_work(tmp_path, kwargs, words):
     """Options are checked before the model is loaded, the data read or the directory created."""
     out = tmp_path / "never"
     with pytest.raises(InputError) as e:
-        run_corpus("no-such-model", "no-such-data", out, **{"progress": False, **kwargs})
+        run_corpus("no-such-model", "no-such-data", out, **{"progress": False, **_fresh(kwargs)})
     assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
     assert not out.exists()
 
