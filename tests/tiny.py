@@ -23,6 +23,8 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
                         intermediate_size=64, max_position_embeddings=64)),
 }
 
+#: Once refused; parallel blocks now have their own exact graph (issue 13, tests/unit/
+#: test_parallel_blocks.py). The name stays for the tests that build it.
 REFUSED_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "neox_parallel": ("GPTNeoXConfig", "EleutherAI/pythia-70m",
                       dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,

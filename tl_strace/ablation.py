@@ -141,6 +141,9 @@ def masked_logprobs(model: Any, spec: ModelSpec, tokens: Int[Tensor, "pos"], lay
     Hooks exist only inside each forward (TransformerLens's ``model.hooks`` context); the caller
     wraps the whole evaluation in :func:`tl_strace.model.model_guard`.
     """
+    if layout.parallel != spec.parallel:
+        raise InputError(f"{spec.name}: the edge layout (parallel={layout.parallel}) does not match the model's "
+                         f"blocks ({spec.block_kind}); build it as EdgeLayout(..., parallel=spec.parallel).")
     device = tokens.device
     stacked = torch.stack([compact_labels(t) for t in label_tables]).to(device)
     tables = layout.split(stacked)

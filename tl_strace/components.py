@@ -39,7 +39,8 @@ Scorers (:data:`COMPONENT_SCORERS`)
   node it writes into, METHOD.md §2 applied to component vectors. At position ``t`` of block ``l``
   head ``h`` contributes ``c = (z_h[t] − a_h[t]) @ W_O[h]`` (what ablating it removes) and
   ``w = ‖c‖₁ / (‖resid_pre[t]‖₁ + Σ_h' ‖c_h'‖₁)``; the MLP contributes ``c = mlp_out[t] − a[t]``
-  with ``w = ‖c‖₁ / (‖resid_mid[t]‖₁ + ‖c‖₁)``. In the last block the vectors go through the
+  with ``w = ‖c‖₁ / (‖resid_mid[t]‖₁ + ‖c‖₁)`` (parallel blocks: heads and MLP write into one node,
+  so both share ``‖resid_pre[t]‖₁ + Σ_h' ‖c_h'‖₁ + ‖c_mlp‖₁``). In the last block the vectors go through the
   final norm linearised at the clean run, as in the token-level graph; in sandwich / post-norm
   blocks a head's ``c`` also goes through the post-attention norm linearised at the clean run
   (:meth:`~tl_strace.model.CleanRun.attn_post_norm`). A whole component scores
@@ -487,6 +488,8 @@ def score_l1(ctx: _Context) -> tuple[Tensor, Tensor]:
     m = mlp.abs().sum(-1)  # [L, T]
     tot_a = resid_pre.abs().sum(-1) + a.sum(-1)
     tot_m = resid_mid.abs().sum(-1) + m
+    if spec.parallel:  # one node per block and position: skip, heads and MLP share its mass
+        tot_a = tot_m = tot_a + m
     safe = lambda x: torch.where(x > 0, x, torch.ones_like(x))  # noqa: E731
     w = torch.cat([(a / safe(tot_a)[..., None]).transpose(1, 2), (m / safe(tot_m))[:, None, :]], dim=1)  # [L, S, T]
     score = _relevant_mean(w, ctx.space)

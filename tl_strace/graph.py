@@ -45,11 +45,12 @@ class EdgeType(IntEnum):
     ATTN = 0
     """Attention edge (layer, head, target t, source s): what head h moves from position s to t."""
     RES_ATTN = 1
-    """Residual edge into resid_mid[t]: the skip connection around the attention sublayer."""
+    """Residual edge into resid_mid[t]: the skip connection around the attention sublayer (parallel
+    blocks: the block's one skip edge, into resid_post[t])."""
     MLP = 2
     """MLP edge into resid_post[t]: the MLP's whole output at t."""
     RES_MLP = 3
-    """Residual edge into resid_post[t]: the skip connection around the MLP."""
+    """Residual edge into resid_post[t]: the skip connection around the MLP (no edge in parallel blocks)."""
 
 
 EDGE_TYPE_NAMES = ("attn", "res_attn", "mlp", "res_mlp")

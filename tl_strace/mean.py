@@ -410,7 +410,6 @@ class _SumHook:
         self.sums[self.layer, : self.n_pos] += x.detach().to(torch.float64).sum(0)
 
 
-@serialised
 def _is_mean_cache_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a safetensors file written as a mean cache (damaged or not): only such a
     file may be replaced by a recomputed cache; anything else is the user's data."""
@@ -423,6 +422,7 @@ def _is_mean_cache_file(path: str | os.PathLike) -> bool:
         return False
 
 
+@serialised
 def compute_means(model: Any, reference: Reference, *, roles: Sequence[str] = DEFAULT_ROLES,
                   path: str | os.PathLike | None = None, prepend_bos: bool | None = None,
                   batch_size: int = 16) -> MeanCache:

@@ -168,8 +168,10 @@ def describe_model(model: object) -> ModelSpec:
     catches what the configuration cannot (unusual blocks).
 
     Parallel attention/MLP blocks (GPT-NeoX/Pythia, GPT-J, Phi-1/2: ``x + attn(ln1 x) + mlp(ln2 x)``)
-    are accepted on a TransformerBridge (``spec.block_kind == "parallel"``) and get their own graph,
-    one node per block and position (METHOD.md §1); on a HookedTransformer they are refused.
+    get their own graph, one node per block and position (``spec.block_kind == "parallel"``, METHOD.md
+    §1), on both backends (HookedTransformer: ``cfg.parallel_attn_mlp``). Where an attention
+    implementation does not read ``hook_pattern`` (TransformerLens 4.3's GPT-J bridge),
+    :func:`tl_strace.ablation.verify_attention_masking` refuses the model.
 
     Sandwich / post-norm blocks (Gemma 2/3: ``x + norm_post(attn(norm_pre x))``; OLMo-2 without the
     pre-norm) are accepted on a TransformerBridge (``spec.norm_placement``): the post-attention norm
@@ -232,8 +234,7 @@ def _block_kind(model: Any, backend: Backend, name: str) -> str:
 
     Parallel when the config says so (``parallel_attn_mlp``) or a bridge block is a
     ``ParallelBlockBridge``: the sum-of-edges checks cannot tell the two apart (both satisfy
-    ``resid_post = resid_pre + attn_out + mlp_out``), only what the MLP reads differs. Parallel
-    blocks are handled on a TransformerBridge; on a HookedTransformer they are refused.
+    ``resid_post = resid_pre + attn_out + mlp_out``), only what the MLP reads differs.
     """
     cfg = model.cfg
     blocks = list(getattr(model, "blocks", []))
@@ -241,12 +242,6 @@ def _block_kind(model: Any, backend: Backend, name: str) -> str:
     parallel = bool(getattr(cfg, "parallel_attn_mlp", False)) or any(flags)
     if not parallel:
         return "sequential"
-    if backend == "hooked":
-        raise UnsupportedModelError(
-            f"{name} uses parallel attention and MLP blocks (x + attn(ln1 x) + mlp(ln2 x), GPT-J/Pythia style), "
-            "which tl_strace traces on a TransformerBridge only; load it with tl_strace.load_model or "
-            "TransformerBridge.boot_transformers (TransformerLens 4.x)."
-        )
     if flags and not all(flags):
         raise UnsupportedModelError(
             f"{name}: only blocks {[l for l, f in enumerate(flags) if f]} are parallel attention/MLP blocks; "
@@ -903,14 +898,25 @@ def clean_run(model: Any, spec: ModelSpec, tokens: Int[Tensor, "pos"]) -> CleanR
             store[(role, layer)] = x.detach()[0].float().clone()
         return hook
 
-    hooks = [(hook_name(r, l), saver(r, l))
-             for l in range(L) for r in ("resid_pre", "pattern", "v", "z", "attn_out", "mlp_out", "resid_post")]
-    hooks.append((hook_name("final_scale"), saver("final_scale", -1)))
+    keys = [(r, l) for l in range(L) for r in ("resid_pre", "pattern", "v", "z", "attn_out", "mlp_out", "resid_post")]
+    keys.append(("final_scale", -1))
     post = spec.norm_placement != "pre"
     if post:
-        hooks += [(hook_name("attn_post_in", l), saver("attn_post_in", l)) for l in range(L)]
+        keys += [("attn_post_in", l) for l in range(L)]
+    hooks = [(hook_name(r, l if l >= 0 else None), saver(r, l)) for r, l in keys]
     with model_guard(model):
         logits = run_hooked(model, tokens[None], hooks, backend=spec.backend, last_only=False)[0].float()
+        # A hook point that exists but never fires (some TransformerLens adapters delegate a whole
+        # sublayer to the HF module: GPT-J's attention under TransformerLens 3.9's bridge) would
+        # otherwise surface as a KeyError; name it instead.
+        silent = [name for (name, _), key in zip(hooks, keys) if key not in store]
+        if silent:
+            raise UnsupportedModelError(
+                f"{spec.name}: the hook point {silent[0]} never fired during a forward pass "
+                f"({len(silent)} hook points silent), so this TransformerLens adapter does not expose what the "
+                "s-Trace graph reads and edits; tl_strace refuses the model. Try another TransformerLens version "
+                "or backend (HookedTransformer / TransformerBridge)."
+            )
         # The last position's normalised state, recomputed from what the unembedding read.
         final_out = _final_out(model, spec, store[("resid_post", L - 1)][-1], store[("final_scale", -1)][-1])
         W_O, b_O = zip(*(attention_output(model, spec, l) for l in range(L)))

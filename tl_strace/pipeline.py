@@ -66,10 +66,13 @@ def _check_options(method: Any, weights: Any, conditions: Any, sizes: Any, taus:
 def _reaches_input(strata: Strata, layout: EdgeLayout) -> Tensor:
     """Per stratum: does the (connected) subgraph contain an edge out of an embedding node?
 
-    Edges leaving embedding nodes are block 0's attention and attention-skip edges.
+    Edges leaving embedding nodes are block 0's attention and attention-skip edges (and, in parallel
+    blocks, its MLP edges, whose MLP reads the block input).
     """
-    attn, res_attn, _, _ = layout.split(strata.labels)
+    attn, res_attn, mlp, _ = layout.split(strata.labels)
     first = int(torch.minimum(attn[0].min(), res_attn[0].min()))
+    if layout.parallel:
+        first = min(first, int(mlp[0].min()))
     return torch.arange(strata.n_strata) >= first
 
 
@@ -93,7 +96,7 @@ def check_model(model: Any, input: str | Tensor | Sequence[int], *,
     spec = describe_model(model)
     require_ready(model)
     tokens = prepare_tokens(model, spec, input, prepend_bos=prepend_bos)
-    layout = EdgeLayout(spec.n_layers, spec.n_heads, int(tokens.numel()))
+    layout = EdgeLayout(spec.n_layers, spec.n_heads, int(tokens.numel()), parallel=spec.parallel)
     with model_guard(model):
         run = clean_run(model, spec, tokens)
         errs = check_decomposition(run, node_vectors(run),
@@ -167,7 +170,7 @@ def strace(
     require_ready(model)
     tokens = prepare_tokens(model, spec, input, prepend_bos=prepend_bos)
     tgt = target_token(model, spec, target)
-    layout = EdgeLayout(spec.n_layers, spec.n_heads, int(tokens.numel()))
+    layout = EdgeLayout(spec.n_layers, spec.n_heads, int(tokens.numel()), parallel=spec.parallel)
     # Before any work: refuse a memory_budget the call cannot fit (tl_strace.memory).
     rows_for_budget(spec, layout.n_pos, model_dtype(model), memory_budget=memory_budget, batch_size=batch_size,
                     n_rows=1, random="random" in conds)

@@ -43,9 +43,10 @@ FORMAT_VERSION = 1
 class Subgraph:
     """The edges of one stratum, as named, typed columns (one entry per edge, sorted by rank).
 
-    ``type`` indexes ``("attn", "res_attn", "mlp", "res_mlp")``; ``head`` is -1 except for attention
-    edges; ``target``/``source`` are token positions (equal for residual and MLP edges). ``weight``
-    is the edge's local weight and ``rank`` the order in which the search added it.
+    ``type`` indexes ``("attn", "res_attn", "mlp", "res_mlp")`` (in parallel blocks ``res_attn`` is the
+    block's one skip edge and no edge is ``res_mlp``); ``head`` is -1 except for attention edges;
+    ``target``/``source`` are token positions (equal for residual and MLP edges). ``weight`` is the
+    edge's local weight and ``rank`` the order in which the search added it.
     """
 
     size: float
@@ -236,7 +237,7 @@ def _check_result(res: Any) -> None:
             raise _Bad("n_edges", f"is {E} but config.n_components is {cfg['n_components']!r}")
         size = E
     else:
-        layout = EdgeLayout(int(m["n_layers"]), int(m["n_heads"]), T)
+        layout = EdgeLayout(int(m["n_layers"]), int(m["n_heads"]), T, parallel=m.get("block_kind") == "parallel")
         if E != layout.n_edges_formula():
             raise _Bad("n_edges", f"is {E} but a {m['n_layers']}-layer, {m['n_heads']}-head graph over {T} "
                                   f"tokens has {layout.n_edges_formula()} edges")
@@ -419,7 +420,8 @@ class StraceResult:
 
     @property
     def layout(self) -> EdgeLayout:
-        return EdgeLayout(int(self.model["n_layers"]), int(self.model["n_heads"]), len(self.str_tokens))
+        return EdgeLayout(int(self.model["n_layers"]), int(self.model["n_heads"]), len(self.str_tokens),
+                          parallel=self.model.get("block_kind") == "parallel")
 
     # ---------------------------------------------------------------- density
     @property

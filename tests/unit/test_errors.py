@@ -67,11 +67,12 @@ def test_unsupported_objects_are_refused_naming_the_supported_kinds(obj):
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED_CONFIGS))
-def test_undecomposable_architectures_are_refused(name, tiny_tokenizer_dir):
+def test_parallel_blocks_are_traced_on_the_bridge(name, tiny_tokenizer_dir):
+    """Once refused (issue 13): parallel attention/MLP blocks now have their own exact graph."""
     model = tiny_bridge(name, tiny_tokenizer_dir)
-    with pytest.raises(UnsupportedModelError) as e:
-        ts.strace(model, TOKS)
-    assert "parallel" in str(e.value)
+    res = ts.strace(model, TOKS, sizes=[0.5, 1.0], conditions=("only",))
+    assert res.model["block_kind"] == "parallel"
+    assert abs(float(res.tv_all[0, -1])) <= 1e-6  # the full graph is the model (float32 rounding ~1e-7)
 
 
 def test_training_mode_is_refused_and_left_alone(gpt2_model, before):

@@ -236,14 +236,15 @@ CIRCUIT_JS = r"""
     function touch(g, t, k) { var key = g * T + t; if (!(key in nodeFirst) || k < nodeFirst[key]) nodeFirst[key] = k; }
     for (i = 0; i < ng0; i++) {
       d = dec[i];
-      var g0 = d.type <= 1 ? 2 * d.l : 2 * d.l + 1, off = d.type === 0 ? 0 : (d.type === 2 ? 0.22 * dx : -0.22 * dx);
+      var g0 = (D.P || d.type <= 1) ? 2 * d.l : 2 * d.l + 1, g1 = D.P ? g0 + 2 : g0 + 1;  // parallel: 2l -> 2l+2
+      var off = d.type === 0 ? 0 : (d.type === 2 ? 0.22 * dx : -0.22 * dx);
       var x1 = X(d.s) + (d.type === 0 ? 0 : off), x2 = X(d.t) + off;
-      var ln = el("line", {x1: x1.toFixed(1), y1: Y(g0).toFixed(1), x2: x2.toFixed(1), y2: Y(g0 + 1).toFixed(1),
+      var ln = el("line", {x1: x1.toFixed(1), y1: Y(g0).toFixed(1), x2: x2.toFixed(1), y2: Y(g1).toFixed(1),
                            stroke: TCOL[d.type], "stroke-width": strokeW(d).toFixed(2),
                            "stroke-opacity": d.type === 0 ? 0.55 : 0.8, "data-tip": "e" + i}, eg);
       tips["e" + i] = edgeTip(d);
       lines.push(ln);
-      touch(g0, d.s, d.k); touch(g0 + 1, d.t, d.k);
+      touch(g0, d.s, d.k); touch(g1, d.t, d.k);
     }
     var nodes = [];
     Object.keys(nodeFirst).map(Number).sort(function (a, b) { return a - b; }).forEach(function (key) {
@@ -253,7 +254,7 @@ CIRCUIT_JS = r"""
       nodes.push([circ, nodeFirst[key], g, t]);
       tips["n" + key] = function () {
         var where = g === 0 ? "embedding" : (g % 2 ? "stream after L" + ((g - 1) / 2) + " attention"
-                                                   : "stream after L" + (g / 2 - 1) + " MLP");
+                                                   : "stream after L" + (g / 2 - 1) + (D.P ? " (parallel block)" : " MLP"));
         var s = where + " at " + qt(D.tokens[t]) + " (" + t + ")";
         if (g === 0) {
           var tot = 0, row = D.tf[state.k];

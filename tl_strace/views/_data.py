@@ -160,6 +160,13 @@ def _component_stats(res: StraceResult) -> ComponentStats:
     mass[:, T - 1] = 1.0
     for l in range(L - 1, -1, -1):
         f_mlp = mass * m_w[l] * (m_lab[l][None, :] <= ks[:, None])
+        if lay.parallel:  # one node per block: skip, heads and MLP all leave the block input (2l, t)
+            f_ra = mass * ra_w[l] * (ra_lab[l][None, :] <= ks[:, None])
+            flow[:, l * H:(l + 1) * H] = torch.einsum("kt,kht->kh", mass, Hd[l])
+            flow[:, L * H + l] = f_mlp.sum(-1)
+            flow[:, L * H + L + l] = f_ra.sum(-1)
+            mass = torch.einsum("kt,kts->ks", mass, A[l]) + f_ra + f_mlp
+            continue
         f_rm = mass * rm_w[l] * (rm_lab[l][None, :] <= ks[:, None])
         mid = f_mlp + f_rm  # [K, T] mass at resid_mid (both edges leave from it)
         f_ra = mid * ra_w[l] * (ra_lab[l][None, :] <= ks[:, None])

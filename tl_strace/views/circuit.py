@@ -74,7 +74,10 @@ def circuit_data(res: StraceResult, *, s: float | None = None, max_edges: int = 
     m_lab = m_lab.flatten()
     mk = torch.where(m_lab < K, m_lab, torch.full_like(m_lab, -1))
     only = res.conditions.index("only")
-    return {
+    # Parallel blocks (one node per block, every edge from graph layer 2l to 2l+2): flagged only
+    # there, so a sequential result's data (and page) stay as they were.
+    extra = {"P": 1} if lay.parallel else {}
+    return extra | {
         "v": DATA_VERSION,
         "model": str(res.model.get("name", "")),
         "L": L, "H": H, "T": T, "E": int(res.n_edges),
