@@ -97,6 +97,8 @@ def atomic_writer(path: str | os.PathLike[str], *, what: str = "output file") ->
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # again after the writer: some (safetensors' save_file) replace the file with a 0600 one
+        os.chmod(tmp, 0o666 & ~_umask())
         # re-check just before replacing: the target may have become a special file meanwhile
         check_output_path(target, what=what)
         os.replace(tmp, target)

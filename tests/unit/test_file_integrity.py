@@ -295,3 +295,15 @@ def test_compute_means_never_overwrites_a_file_that_is_not_a_mean_cache(gpt2_mod
     cache.write_bytes(bytes(raw))
     again = ts.compute_means(gpt2_model, [toks], path=cache)
     assert ts.MeanCache.load(cache).fingerprint == again.fingerprint
+
+
+def test_saved_files_get_the_usual_permissions(gpt2_model, tmp_path):
+    """Results are written through a temporary file; the final file has the umask's permissions
+    (0644 under the usual umask), not the 0600 of a private temporary file."""
+    import os
+
+    res = ts.strace(gpt2_model, torch.tensor([0, 5, 17, 3]), conditions=("only",))
+    res.save(tmp_path / "r.safetensors")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(tmp_path / "r.safetensors").st_mode & 0o777 == 0o666 & ~umask
