@@ -131,6 +131,8 @@ def strace(
     distribution, evaluate them by masked forward passes, and measure how dense the computation is.
 
     Thread-safe: calls on one model are serialised; calls on different models run in parallel.
+    The lock covers tl_strace's own calls only: do not run the model yourself from another thread
+    during a call (its forward passes would fire this call's hooks).
     Every call checks that keeping every edge reproduces the model's logits, and raises
     :class:`~tl_strace.errors.DecompositionError` if not (a raw hook or patch it could not see).
 
@@ -145,7 +147,8 @@ def strace(
         conditions: any of ``"only"`` (always included), ``"random"``, ``"inverse"``.
         target: the true next token (id, or text whose first token is used), for cross-entropy and rank.
         seed: seed of the random baseline.
-        top_k: how many top tokens to keep per stratum.
+        top_k: how many top tokens to keep per stratum; a value above the vocabulary size keeps every
+            token (``config["top_k"]`` records the effective value, ``min(top_k, d_vocab)``).
         batch_size: masks per forward pass; default: as many as ``memory_budget`` allows.
         memory_budget: the most extra memory the whole call may use (bytes, or text such as ``"1GiB"``,
             ``"512MB"``: :func:`tl_strace.options.parse_bytes`), by the upper bound of
@@ -242,7 +245,7 @@ def strace(
                 "granularity": "token", "ablate_attention": bool(ablate_attention),
                 "sizes": [float(s) for s in strata.params] if method == "strace" else None,
                 "taus": [float(s) for s in strata.params] if method != "strace" else None,
-                "prepend_bos": prepend_bos, "top_k": top_k, "version": __version__},
+                "prepend_bos": prepend_bos, "top_k": int(top_ids.shape[-1]), "version": __version__},
         str_tokens=str_tokens(model, tokens.cpu()),
         tokens=tokens.cpu(),
         target=tgt,

@@ -53,9 +53,14 @@ def _run_threads(fn: Any, n_threads: int) -> list[Any]:
 # ---------------------------------------------------------------------------------------------
 # 1. Concurrent calls on one model
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("which", ["gpt2_model", "llama_model"])
-def test_concurrent_calls_on_one_model_equal_a_sequential_call(which, request):
-    model = request.getfixturevalue(which)
+def test_concurrent_calls_on_one_model_equal_a_sequential_call(gpt2_model, llama_model):
+    # (fixtures taken directly, not by request.getfixturevalue: under TransformerLens 3.9 they are
+    # parametrized by backend, which getfixturevalue cannot do)
+    for model in (gpt2_model, llama_model):
+        _concurrent_equals_sequential(model)
+
+
+def _concurrent_equals_sequential(model: Any) -> None:
     ref = ts.strace(model, TOKS, sizes=SIZES, conditions=("only", "inverse"))
     n_threads, n_calls = 4, 4
 
@@ -224,3 +229,28 @@ def test_a_hidden_patch_that_breaks_the_full_graph_is_detected(gpt2_model, metho
 def test_a_hidden_patch_is_detected_by_component_strace(gpt2_model):
     with _patched_activation(gpt2_model), pytest.raises(DecompositionError, match="keeping every"):
         ts.component_strace(gpt2_model, TOKS)
+
+
+def test_instance_forward_patch_meta_weights_and_mixed_dtypes_are_refused_up_front(tiny_tokenizer_dir):
+    """Model states no hook scan sees, refused before any forward pass with a one-line fix."""
+    import copy
+
+    from tests.tiny import tiny_bridge
+
+    model = tiny_bridge("gpt2", tiny_tokenizer_dir)
+    mlp = dict(model.named_modules())["blocks.0._original_component.mlp"]
+    orig = type(mlp).forward
+    vars(mlp)["forward"] = lambda *a, **k: 2 * orig(mlp, *a, **k)  # an instance-level patch
+    with pytest.raises(InputError, match=r"forward replaced on the instance at blocks\.0\.mlp"):
+        ts.strace(model, TOKS, sizes=SIZES)
+    del vars(mlp)["forward"]
+    ts.strace(model, TOKS, sizes=SIZES)  # restored: traces again
+
+    mixed = copy.deepcopy(model)
+    mixed.blocks[1].to(torch.float64)
+    with pytest.raises(InputError, match="several floating dtypes.*model.to"):
+        ts.strace(mixed, TOKS, sizes=SIZES)
+
+    meta = copy.deepcopy(model).to("meta")
+    with pytest.raises(InputError, match="meta device"):
+        ts.strace(meta, TOKS, sizes=SIZES)
