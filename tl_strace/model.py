@@ -274,11 +274,29 @@ def _norm_placement(model: Any, backend: Backend) -> str:
     return "post" if getattr(blocks[0], "ln1", None) is None else "sandwich"
 
 
+def _permanent_hook_ids(hp: Any) -> set[int]:
+    """Ids (in ``hp._forward_hooks`` / ``_backward_hooks``) of the hooks a hook point holds as
+    *permanent* (``add_hook(..., is_permanent=True)``). TransformerLens's own adapters install such
+    hooks as part of the model (OPT's and XGLM's MLP bridges); ``reset_hooks()`` keeps them."""
+    ids: set[int] = set()
+    for handle in list(getattr(hp, "fwd_hooks", None) or []) + list(getattr(hp, "bwd_hooks", None) or []):
+        if getattr(handle, "is_permanent", False):
+            hid = getattr(getattr(handle, "hook", None), "id", None)
+            if hid is not None:
+                ids.add(hid)
+    return ids
+
+
 def _attached_hooks(model: Any) -> list[str]:
-    """Names of hook points that carry forward or backward hooks right now."""
+    """Names of hook points that carry forward or backward hooks right now, permanent hooks (part
+    of the model, see :func:`_permanent_hook_ids`) aside. Their effect, if any, is still checked by
+    the sum-of-edges and full-graph identities on every call."""
     found = []
     for name, hp in getattr(model, "hook_dict", {}).items():
-        if getattr(hp, "_forward_hooks", None) or getattr(hp, "_backward_hooks", None):
+        fwd, bwd = getattr(hp, "_forward_hooks", None), getattr(hp, "_backward_hooks", None)
+        if not fwd and not bwd:
+            continue
+        if (set(fwd or {}) | set(bwd or {})) - _permanent_hook_ids(hp):
             found.append(name)
     return found
 
@@ -379,6 +397,44 @@ def require_ready(model: Any) -> None:
             "without it knowing; remove each with the handle its register_*_hook call returned "
             "(handle.remove()), or use TransformerLens hook points (model.hooks(...)) outside tl_strace calls."
         )
+    # (named by the bridge's user-facing path: "blocks.0.mlp", not "blocks.0._original_component.mlp")
+    # TransformerLens's own adapters may patch a forward as part of the model (Falcon's decoder
+    # layers: ``_patch_decoder_inplace_add.<locals>.patched_forward``): allowed like its own hooks.
+    patched = list(dict.fromkeys((n.replace("._original_component", "") or "<root>")
+                                 for n, m in model.named_modules()
+                                 if "forward" in vars(m) and not _is_own_hook(vars(m)["forward"])))
+    if patched:
+        raise InputError(
+            f"The model has its forward replaced on the instance at {', '.join(patched[:5])}"
+            f"{', ...' if len(patched) > 5 else ''} (module.forward = ...); s-Trace would trace the patched "
+            "function without knowing it. Restore the original (del module.forward) or express the change "
+            "as a TransformerLens hook outside tl_strace calls."
+        )
+    _require_loaded_weights(model)
+
+
+def _require_loaded_weights(model: Any) -> None:
+    """Refuse weights that cannot give a meaningful forward: on the meta device (never loaded), or
+    of several floating dtypes (a partly converted model: ``model.blocks[1].half()``), which fails
+    inside the first matrix product or, worse, computes in mixed precision."""
+    meta: list[str] = []
+    dtypes: dict[torch.dtype, str] = {}
+    for name, p in model.named_parameters():
+        if p.device.type == "meta":
+            meta.append(name)
+        if p.dtype.is_floating_point:
+            dtypes.setdefault(p.dtype, name)
+    if meta:
+        raise InputError(
+            f"{len(meta)} parameters of the model are on the meta device (e.g. {meta[0]}): its weights were "
+            "never loaded. Load the model with its weights (e.g. tl_strace.load_model or boot_transformers) first."
+        )
+    if len(dtypes) > 1:
+        desc = ", ".join(f"{str(d).replace('torch.', '')} (e.g. {n})" for d, n in dtypes.items())
+        raise InputError(
+            f"The model's parameters have several floating dtypes: {desc}. Convert the whole model to one "
+            "dtype first, e.g. model.to(torch.float32)."
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,8 +515,9 @@ def check_full_graph(spec: ModelSpec, clean: Float[Tensor, "vocab"], kept: Float
             f"{spec.name}: the model's output is not reproduced by keeping every edge (max |log-prob "
             f"difference| {err:.3g} against a tolerance of {tol:.3g}), so every stratum's numbers would be wrong. "
             "Likely causes: a raw PyTorch hook or a module patched outside TransformerLens's hook points "
-            "(e.g. a replaced forward or activation), or a stateful / nondeterministic model; remove the "
-            "patch (handle.remove(), or reload the model) and retry."
+            "(e.g. a replaced forward or activation), another thread running this model outside tl_strace "
+            "during the call (tl_strace's lock serialises only its own calls), or a stateful / nondeterministic "
+            "model; remove the cause (handle.remove(), reload the model, or join the other thread) and retry."
         )
     return err
 
@@ -483,8 +540,8 @@ def model_guard(model: Any) -> Iterator[None]:
         for m, mode in modes:
             if m.training != mode:
                 m.train(mode)
-        if _attached_hooks(model):
-            model.reset_hooks(including_permanent=True)
+        if _attached_hooks(model):  # only ever tl_strace's own temporary hooks (require_ready)
+            model.reset_hooks(including_permanent=False)
 
 
 def run_hooked(model: Any, tokens: Tensor, hooks: Sequence[tuple[str, Callable[..., Any]]], *,
@@ -502,8 +559,20 @@ def run_hooked(model: Any, tokens: Tensor, hooks: Sequence[tuple[str, Callable[.
     # keys and values of every row alive for the whole forward (11 MiB a row on GPT-2 small at 150
     # tokens); nothing here decodes further tokens.
     kwargs = {"use_cache": False} if backend == "bridge" else {}
-    with model.hooks(fwd_hooks=fwd):
+    try:
+        ctx = model.hooks(fwd_hooks=fwd)
+        ctx.__enter__()
+    except KeyError as e:  # a hook point this architecture's TransformerLens adapter does not expose
+        missing = next((n for n, _ in fwd if n not in getattr(model, "hook_dict", {}) and n not in getattr(model, "mod_dict", {})), None)
+        raise UnsupportedModelError(
+            f"{getattr(model.cfg, 'model_name', type(model).__name__)}: TransformerLens does not expose the hook point "
+            f"{missing or str(e)!r} on this architecture, and s-Trace needs it to read or mask the graph; "
+            "this model cannot be traced (see docs/architectures.md for the architectures that can)."
+        ) from e
+    try:
         logits = model(tokens, **kwargs)
+    finally:
+        ctx.__exit__(None, None, None)
     return logits[:, -1, :]
 
 
@@ -544,6 +613,8 @@ def prepare_tokens(model: Any, spec: ModelSpec, inp: Any, *,
         tokens = model.to_tokens(inp, **kwargs)
     else:
         tokens = _as_token_tensor(inp)
+    if tokens.numel() == 0:  # before the dtype: torch.as_tensor([]) is float32
+        raise InputError("The token sequence is empty; give at least one token.")
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         raise InputError(f"Tokens must be integers, got dtype {tokens.dtype}; pass integer token ids "
                          "(e.g. torch.tensor([1, 2, 3]) or model.to_tokens(text)).")
@@ -637,6 +708,10 @@ def target_token(model: Any, spec: ModelSpec, target: Any) -> int | None:
         ids = model.to_tokens(target, prepend_bos=False)[0]
         if ids.numel() == 0:
             raise InputError(f"The target {target!r} tokenizes to nothing.")
+        unk_id, unk = getattr(model.tokenizer, "unk_token_id", None), getattr(model.tokenizer, "unk_token", None)
+        if unk_id is not None and int(ids[0]) == int(unk_id) and target.strip() != str(unk):
+            raise InputError(f"The target {target!r} is not in {spec.name}'s vocabulary: its first token is the "
+                             f"unknown token {unk!r} (id {unk_id}); give a word the tokenizer knows, or a token id.")
         return int(ids[0])
     t = int(target)
     if not 0 <= t < spec.d_vocab:
@@ -1026,6 +1101,8 @@ def _per_kv_head(v: Float[Tensor, "layer pos v_head d_head"], spec: ModelSpec) -
     if n == spec.n_heads:
         return v[:, :, :: spec.n_heads // spec.n_kv_heads]
     raise UnsupportedModelError(
-        f"{spec.name}: attn.hook_v has {n} heads, but the model has {spec.n_heads} query heads and "
-        f"{spec.n_kv_heads} key/value heads; tl_strace cannot tell which head each value belongs to."
+        f"{spec.name}: attn.hook_v has shape [{', '.join(map(str, v.shape[1:]))}] per layer, not "
+        f"[pos, {spec.n_kv_heads} key/value heads (or {spec.n_heads} query heads), {spec.d_head}]; the values "
+        "are laid out differently (e.g. multi-head latent attention), so tl_strace cannot tell which head "
+        "each value belongs to and refuses the model."
     )
