@@ -33,6 +33,7 @@ import pandas as pd
 from tl_strace.corpus import CorpusRun, load_run
 from tl_strace.density import CURVE_GRID, interpolate_curve
 from tl_strace.errors import InputError
+from tl_strace.fsutil import atomic_write, check_output_path
 
 __all__ = [
     "BOUNDARY",
@@ -773,7 +774,8 @@ class _Doc:
             else:
                 png, name, cap = x
                 assets.mkdir(parents=True, exist_ok=True)
-                (assets / f"{name}.png").write_bytes(png)
+                # atomically, like every file tl_strace writes: a full disk leaves no truncated figure
+                atomic_write(assets / f"{name}.png", png, what="report figure")
                 from urllib.parse import quote
 
                 src = quote(f"{assets.name}/{name}.png")  # the directory is the user's --out: spaces, ')'...
@@ -889,23 +891,36 @@ def write_report(runs: Sequence[RunLike], out: str | os.PathLike | None = None, 
                  formats: Sequence[str] = ("html", "md"), title: str = "tl_strace corpus report") -> list[Path]:
     """Write a report of ``runs``: ``<out>.html`` (self-contained: plots inlined as PNG, text
     escaped, no network) and/or ``<out>.md`` (plots in ``<out>_assets/``). ``out`` defaults to
-    ``<first run>/report``. Returns the paths written."""
+    ``<first run>/report``. Returns the paths written.
+
+    Every file is written atomically (:func:`tl_strace.fsutil.atomic_write`): a full disk leaves no
+    truncated file under the final name and raises an :class:`~tl_strace.fsutil.OutputPathError`
+    naming the file. A target that is a directory or a special file (device node, FIFO) is refused
+    before the report is built."""
+    if isinstance(formats, str):
+        raise InputError(f"formats must be a list of formats, e.g. [{formats!r}]; got the string {formats!r}.")
+    formats = list(formats)
     bad = [f for f in formats if f not in ("html", "md")]
     if bad or not formats:
         raise InputError(f"formats must be among ['html', 'md']; got {list(formats)}.")
+    if out is not None and not isinstance(out, (str, os.PathLike)):
+        raise InputError(f"out must be a path (str or os.PathLike) or None; got {out!r} ({type(out).__name__}).")
+    if out is not None and os.fspath(out) == "":
+        raise InputError("out is empty; give the report's path without suffix (e.g. 'runs/report'), or None for "
+                         "<first run>/report.")
     rs = as_runs(runs)
     base = Path(out) if out is not None else rs[0].path / "report"
     if base.suffix in (".html", ".md"):
         base = base.with_suffix("")
     base.parent.mkdir(parents=True, exist_ok=True)
+    targets = {fmt: base.with_suffix(f".{fmt}") for fmt in ("html", "md") if fmt in formats}
+    for p in targets.values():  # before the report is built: a directory, a device node, a FIFO
+        check_output_path(p, what="report file")
     doc = build_report(rs, title=title)
     written = []
-    if "html" in formats:
-        p = base.with_suffix(".html")
-        p.write_text(doc.html(), encoding="utf-8")
-        written.append(p)
-    if "md" in formats:
-        p = base.with_suffix(".md")
-        p.write_text(doc.markdown(base.parent / f"{base.name}_assets"), encoding="utf-8")
-        written.append(p)
+    if "html" in targets:
+        written.append(atomic_write(targets["html"], doc.html(), what="report file"))
+    if "md" in targets:
+        text = doc.markdown(base.parent / f"{base.name}_assets")
+        written.append(atomic_write(targets["md"], text, what="report file"))
     return written

@@ -15,10 +15,35 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = ["COMMANDS", "main"]
 
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like every other error of the command:
+    ``tl-strace: error: <message> (see tl-strace <command> --help)`` on stderr, exit status 2
+    (argparse's default prints the whole usage first)."""
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+        msg = " ".join(str(message).split())
+        self.exit(2, f"tl-strace: error: {msg} (see {self.prog} --help)\n")
+
+
+def _text_arg(kind: str) -> Callable[[str], str]:
+    """An argparse type refusing an empty value (``--save ''`` would otherwise be falsy, so ignored;
+    ``--out ''`` would be the current directory): ``argument --save: the value is empty; give a file path``."""
+    def check(text: str) -> str:
+        if text == "":
+            raise argparse.ArgumentTypeError(f"the value is empty; give a {kind}")
+        return text
+
+    return check
+
+
+_PATH = _text_arg("path")
+_FILE = _text_arg("file path")
+_NAME = _text_arg("model name or directory")
 
 
 def _bytes(text: str) -> int:
@@ -73,7 +98,7 @@ def format_trace(res: Any, *, show_tokens: Sequence[float] = (1e-3, 1e-2, 0.1, 0
 
 def _add_trace(p: argparse.ArgumentParser) -> None:
     p.add_argument("text", help="the input text; the token after its last token is the prediction traced")
-    p.add_argument("--model", default="smollm2-135m",
+    p.add_argument("--model", default="smollm2-135m", type=_NAME,
                    help="bundled model name, local directory, or hub name (default: smollm2-135m, offline)")
     p.add_argument("--method", default="strace", choices=["strace", "threshold", "nucleus"])
     p.add_argument("--weights", default="l1", choices=["l1", "ifr"])
@@ -86,21 +111,36 @@ def _add_trace(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="masks per forward pass (default: from the memory budget)")
     p.add_argument("--memory-budget", type=_bytes, metavar="SIZE",
                    help="the most memory one trace may use, e.g. 2GiB or 512MiB (see tl_strace.memory)")
-    p.add_argument("--save", metavar="PATH", help="also save the result (.safetensors, loadable with StraceResult.load)")
+    p.add_argument("--save", metavar="PATH", type=_FILE, help="also save the result (.safetensors, loadable with StraceResult.load)")
     p.add_argument("--json", action="store_true", help="print the result table as JSON instead of text")
-    p.add_argument("--html", metavar="PATH", help="also write a standalone HTML report (curves, interactive "
+    p.add_argument("--html", metavar="PATH", type=_FILE, help="also write a standalone HTML report (curves, interactive "
                    "circuit, circuitsvis details; works offline)")
 
 
 def _run_trace(args: argparse.Namespace) -> int:
-    import tl_strace as ts
+    from tl_strace.errors import InputError
     from tl_strace.fsutil import check_output_path
+    from tl_strace.options import check_target
+    from tl_strace.pipeline import _check_options
 
-    # before the model is loaded: a missing or read-only directory, a directory, a device node
+    # Before the model is loaded (seconds): the options by the rules strace applies (sizes, taus
+    # against the method, batch size, ...), the text and target, then the output paths (a missing or
+    # read-only directory, a directory, a device node).
+    if not args.text.strip():
+        raise InputError("The input text is empty (or only whitespace); give at least one word to predict from.")
+    if args.target is not None:
+        if args.target == "":
+            raise InputError("--target is empty; give the true next token as text (e.g. --target ' Paris') "
+                             "or leave it out.")
+        check_target(args.target)
+    _check_options(args.method, args.weights, args.conditions, args.sizes, args.taus, 5, args.seed,
+                   args.batch_size, args.memory_budget, None, True)
     if args.save:
         check_output_path(args.save, what="--save file")
     if args.html:
         check_output_path(args.html, what="--html file")
+    import tl_strace as ts
+
     model = ts.load_model(args.model)
     res = ts.strace(model, args.text, sizes=args.sizes, method=args.method, taus=args.taus, weights=args.weights,
                     conditions=args.conditions, target=args.target, seed=args.seed, batch_size=args.batch_size,
@@ -124,10 +164,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 
 # ---------------------------------------------------------------- corpus runs (tl_strace.corpus, tl_strace.analysis)
 def _add_run(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="bundled model name (smollm2-135m), local directory, or hub name")
-    p.add_argument("--data", required=True, help="shipped set (austen-40, austen-20, austen-10), a .jsonl/.tsv/.txt "
+    p.add_argument("--model", required=True, type=_NAME, help="bundled model name (smollm2-135m), local directory, or hub name")
+    p.add_argument("--data", required=True, type=_text_arg("data set name or file"), help="shipped set (austen-40, austen-20, austen-10), a .jsonl/.tsv/.txt "
                    "file of passages, or wikitext[:config[:split]] (needs the internet or a datasets cache)")
-    p.add_argument("--out", required=True, help="run directory; rerun the same command to resume")
+    p.add_argument("--out", required=True, type=_PATH, help="run directory; rerun the same command to resume")
     p.add_argument("--granularity", default="token", choices=["token", "component"])
     p.add_argument("--ablation", default="zero", choices=["zero", "mean"])
     p.add_argument("--limit", type=int, help="trace only the first N passages (may grow between invocations)")
@@ -162,8 +202,8 @@ def _run_run(args: argparse.Namespace) -> int:
 
 
 def _add_report(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories (several: compared where they match)")
-    p.add_argument("--out", help="output path without suffix (default: DIR/report)")
+    p.add_argument("dirs", nargs="+", metavar="DIR", type=_PATH, help="run directories (several: compared where they match)")
+    p.add_argument("--out", type=_PATH, help="output path without suffix (default: DIR/report)")
     p.add_argument("--format", nargs="+", default=["html", "md"], choices=["html", "md"])
     p.add_argument("--title", default="tl_strace corpus report")
 
@@ -199,7 +239,7 @@ COMMANDS["report"] = ("write an HTML/Markdown report of corpus runs", _add_repor
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tl-strace", description="s-Trace and computation density for "
+    parser = _Parser(prog="tl-strace", description="s-Trace and computation density for "
                                      "TransformerLens models.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_, add, _) in COMMANDS.items():

@@ -25,6 +25,16 @@ run killed at any point (``kill -9`` included) and restarted with the same comma
 duplicates nothing. A different configuration pointed at the same directory raises
 :class:`~tl_strace.errors.ResultsError`; ``limit`` may change (a larger limit extends the run).
 
+**Passages skipped for memory.** A passage that cannot fit in memory (over ``memory_budget``, or
+over the memory available on the machine when there is no budget) is recorded as skipped with the
+bytes one call on it needs (``"memory_needed"``) and a reason that says to rerun with a larger
+``memory_budget`` (or on a machine with more memory) to retry it. A resume retries it when those
+bytes now fit the budget (or the memory available); the shard is append-only, so its new record is
+appended and *supersedes* the skip: the loader keeps, per passage, the record that is not a memory
+skip, and allows a passage to be recorded twice only in that way (any other duplicate is a
+:class:`~tl_strace.errors.ResultsError`). A retry that still does not fit writes nothing. Every
+other skip (too long for the context, a data problem) is final.
+
 **Scale-out.** Started by ``torchrun --nproc-per-node N``, rank ``r`` of ``N`` takes the passages
 with ``index % N == r`` and writes ``shard-<r>.jsonl`` (a gloo process group is used for barriers
 only, so the same code runs on CPU and GPU). When the model is given by name, rank ``r`` loads it
@@ -535,6 +545,8 @@ def _check_record(rec: Any, schema: _Schema, bad: _Bad) -> dict[str, Any]:
         raise bad(f"the line is not a JSON object (it is {_show(rec)})")
     bad.check(rec, {"status": (lambda v: v in ("ok", "skipped"), "'ok' or 'skipped'")})
     bad.check(rec, _OK_FIELDS if rec["status"] == "ok" else _SKIPPED_FIELDS)
+    if rec["status"] == "skipped" and "memory_needed" in rec:  # a memory skip (retried once it fits)
+        bad.check(rec, {"memory_needed": _NAT})
     if schema.n_passages is not None and rec["index"] >= schema.n_passages:
         raise bad(f"field 'index' is {rec['index']}, but the run's data has {schema.n_passages} passages")
     if rec["status"] == "ok":
@@ -601,7 +613,10 @@ def _read_issues(path: Path) -> list[dict[str, Any]]:
 
 
 def _merge(shards: list[tuple[Path, list[tuple[int, dict[str, Any]]]]]) -> dict[str, dict[str, Any]]:
-    """The records of all shards by passage id; a passage (index or id) recorded twice is an error."""
+    """The records of all shards by passage id; a passage (index or id) recorded twice is an error,
+    except a memory skip (:func:`_is_memory_skip`) of the same passage (same index and id): any
+    other record of it supersedes the skip (a resume retried the passage and it fit), whatever the
+    order; of several memory skips the last one read counts."""
     by_index: dict[int, tuple[Path, int, str]] = {}
     by_id: dict[str, dict[str, Any]] = {}
     where_id: dict[str, tuple[Path, int]] = {}
@@ -609,6 +624,11 @@ def _merge(shards: list[tuple[Path, list[tuple[int, dict[str, Any]]]]]) -> dict[
         for n, rec in recs:
             i, pid = rec["index"], rec["id"]
             first = by_index.get(i) or ((*where_id[pid], pid) if pid in where_id else None)
+            if first is not None and first[2] == pid and by_id[pid]["index"] == i \
+                    and (_is_memory_skip(by_id[pid]) or _is_memory_skip(rec)):
+                if _is_memory_skip(rec) and not _is_memory_skip(by_id[pid]):
+                    continue  # the passage was retried and recorded; this skip is superseded
+                first = None
             if first is not None:
                 raise ResultsError(
                     f"{path} line {n}: passage index {i} ({pid}) is also recorded in {first[0]} line {first[1]} "
@@ -631,6 +651,9 @@ def _read_shard(path: Path, *, repair: bool,
     JSON, and any line that is JSON but not a valid record, is corruption: a ResultsError naming
     the file, the line and the field."""
     schema = schema or _Schema()
+    if path.exists() and not path.is_file():
+        raise ResultsError(f"{path} is not a regular file (a directory or a special file has a shard's name); "
+                           "remove it or move it out of the run directory.")
     data = path.read_bytes() if path.exists() else b""
     if not data:
         return [], None
@@ -732,6 +755,23 @@ def _sync(dist: "_Dist", exc: BaseException | None) -> None:
         raise ResultsError(msg)
 
 
+_RETRY = "rerun with a larger memory_budget (or on a machine with more memory) to retry it"
+
+
+class _MemorySkip(InputError):
+    """A passage that does not fit in memory now; ``needed`` is the bytes one call on it needs
+    (stored in its skip record as ``memory_needed``, so a resume retries it once it fits)."""
+
+    def __init__(self, message: str, needed: int) -> None:
+        super().__init__(message)
+        self.needed = int(needed)
+
+
+def _is_memory_skip(rec: dict[str, Any]) -> bool:
+    """A skip record of a passage that did not fit in memory (it may be superseded by a later record)."""
+    return rec.get("status") == "skipped" and "memory_needed" in rec
+
+
 class _MemoryCheck:
     """Before each passage is traced: can one call fit in memory?
 
@@ -751,22 +791,35 @@ class _MemoryCheck:
         self.est_kw = {"edge_space": granularity == "token", "random": random}
         self.prepend_bos, self.memory_budget, self.batch_size = prepend_bos, memory_budget, batch_size
 
+    def limit(self) -> int | None:
+        """The memory a call may use now: the ``memory_budget``, else what is available (None: unknown)."""
+        return self.memory_budget if self.memory_budget is not None else _memory.available_memory()
+
     def __call__(self, text: str, kw: dict[str, Any]) -> dict[str, Any]:
-        """The tracer's keyword arguments for ``text`` (``kw``, or with a memory budget added)."""
+        """The tracer's keyword arguments for ``text`` (``kw``, or with a memory budget added).
+
+        Raises :class:`_MemorySkip` (with the bytes the passage needs) when it cannot fit."""
         T = int(prepare_tokens(self.model, self.spec, text, prepend_bos=self.prepend_bos).numel())
+        need = _memory.estimate_memory(self.spec, T, 1, dtype=self.dtype, **self.est_kw)
         if self.memory_budget is not None:
+            if self.batch_size is not None:  # batch_size rows per forward must fit the budget too
+                need = _memory.estimate_memory(self.spec, T, int(self.batch_size), dtype=self.dtype, **self.est_kw)
+            if need.total > self.memory_budget:
+                raise _MemorySkip(
+                    f"This passage ({T} tokens) needs at least {need.total / 2**20:,.0f} MiB for one call on "
+                    f"{self.spec.name} ({need.describe()}), over memory_budget={self.memory_budget / 2**20:,.0f} "
+                    f"MiB; {_RETRY}.", need.total)
             _memory.rows_for_budget(self.spec, T, self.dtype, memory_budget=self.memory_budget,
                                     batch_size=self.batch_size, n_rows=1, **self.est_kw)
             return kw
         avail = _memory.available_memory()
         if avail is None:
             return kw
-        need = _memory.estimate_memory(self.spec, T, 1, dtype=self.dtype, **self.est_kw)
         if need.total > avail:
-            raise InputError(
+            raise _MemorySkip(
                 f"This passage ({T} tokens) needs at least {need.total / 2**20:,.0f} MiB for one call on "
                 f"{self.spec.name} ({need.describe()}), but only {avail / 2**20:,.0f} MiB are available on this "
-                "machine; free memory or shorten the passage to trace it.")
+                f"machine; {_RETRY} (or free memory, or shorten the passage).", need.total)
         rows = int(self.batch_size) if self.batch_size else _memory.DEFAULT_ROWS_BUDGET // max(need.per_row, 1)
         if need.fixed + rows * need.per_row > avail:
             return {**kw, "memory_budget": int(avail)}
@@ -856,6 +909,26 @@ def run_corpus(
         InputError: invalid options.
     """
     t0 = time.perf_counter()
+
+    # ------------------------------------------------------------------ the arguments, before any work
+    if isinstance(model, (str, os.PathLike)):
+        if os.fspath(model) == "":
+            raise InputError("model is empty; give a model name (e.g. 'smollm2-135m'), a directory, or a loaded model.")
+    elif not isinstance(model, torch.nn.Module):
+        raise InputError(f"model must be a TransformerLens model (TransformerBridge or HookedTransformer) or a model "
+                         f"name or directory such as 'smollm2-135m'; got {options.describe(model)}.")
+    if isinstance(data, (str, os.PathLike)):
+        if os.fspath(data) == "":
+            raise InputError("data is empty; give a shipped set (e.g. 'austen-40'), a .jsonl/.tsv/.txt file or "
+                             "'wikitext'.")
+    elif not isinstance(data, PassageSet):
+        raise InputError(f"data must be a shipped set name (e.g. 'austen-40'), a file path, 'wikitext' or a PassageSet; "
+                         f"got {options.describe(data)}.")
+    if not isinstance(out, (str, os.PathLike)):
+        raise InputError(f"out must be the run directory's path (str or os.PathLike); got {options.describe(out)}.")
+    if os.fspath(out) == "":
+        raise InputError("out is empty (it would be the current directory); give the run directory's path, "
+                         "e.g. 'runs/smol'.")
 
     # ------------------------------------------------------------------ options, before anything runs
     # The rules of tl_strace.strace / component_strace (tl_strace.options), so that an option every
@@ -998,12 +1071,19 @@ def run_corpus(
                 exc = e
             _sync(dist, exc)
             mine = [(i, p) for i, p in enumerate(passages) if i % dist.world == dist.rank]
-            todo = [(i, p) for i, p in mine if p.id not in done]
-            skipped = [DataIssue(done[p.id].get("line"), done[p.id].get("reason", ""), p.id)
-                       for _, p in mine if p.id in done and done[p.id].get("status") == "skipped"]
-            n_before = len(mine) - len(todo)
             fits = _MemoryCheck(model, granularity=granularity, random="random" in conds, prepend_bos=prepend_bos,
                                 memory_budget=trace_kw.get("memory_budget"), batch_size=trace_kw.get("batch_size"))
+            # A passage skipped for memory is retried when the bytes it needed now fit (a larger
+            # memory_budget, more memory available); its new record supersedes the skip (_merge).
+            mem_skips = [p.id for _, p in mine if p.id in done and _is_memory_skip(done[p.id])]
+            limit_now = fits.limit() if mem_skips else None
+            retried = {pid for pid in mem_skips if limit_now is None or done[pid]["memory_needed"] <= limit_now}
+            todo = [(i, p) for i, p in mine if p.id not in done or p.id in retried]
+            skipped = [DataIssue(done[p.id].get("line"), done[p.id].get("reason", ""), p.id)
+                       for _, p in mine if p.id in done and done[p.id].get("status") == "skipped"
+                       and p.id not in retried]
+            n_before = len(mine) - len(todo)
+            n_written = 0
 
             # ---------------------------------------------------------- trace
             from tqdm.auto import tqdm
@@ -1021,10 +1101,15 @@ def run_corpus(
                         except (InputError, DecompositionError) as e:  # this passage cannot be traced: say so
                             issue = DataIssue(p.line, str(e), p.id)
                             skipped.append(issue)
-                            rec = {"status": "skipped", "index": i, "id": p.id, "line": p.line, "text": p.text,
-                                   "next_word": p.next_word, "reason": str(e)}
                             if progress:
                                 bar.write(f"tl-strace: skipped {issue}")
+                            if isinstance(e, _MemorySkip) and p.id in retried:
+                                bar.update(1)  # still does not fit: its skip record stands (no second one)
+                                continue
+                            rec = {"status": "skipped", "index": i, "id": p.id, "line": p.line, "text": p.text,
+                                   "next_word": p.next_word, "reason": str(e)}
+                            if isinstance(e, _MemorySkip):
+                                rec["memory_needed"] = e.needed
                         try:
                             _append(f, rec)
                         except OSError as e:
@@ -1032,6 +1117,7 @@ def run_corpus(
                                 f"Writing the record of passage {p.id} to {shard} failed: {e.strerror or e}. The "
                                 "records written so far are kept: fix that (e.g. free disk space), then rerun the "
                                 "same command to resume.") from e
+                        n_written += 1
                         bar.update(1)
                         if rec["status"] == "ok":
                             bar.set_postfix(density=f"{rec['density']:.3f}", refresh=False)
@@ -1039,7 +1125,7 @@ def run_corpus(
                 exc = e
         _sync(dist, exc)  # the last barrier: every rank has finished (or one failed: all say so)
         return RunSummary(out=out, rank=dist.rank, world_size=dist.world, n_passages=len(passages),
-                          n_done_before=n_before, n_new=len(todo), n_skipped=len(skipped),
+                          n_done_before=n_before, n_new=n_written, n_skipped=len(skipped),
                           issues=tuple(passages_all.issues) + tuple(skipped), repaired=repaired,
                           seconds=time.perf_counter() - t0)
     finally:
@@ -1130,6 +1216,9 @@ def load_run(path: str | os.PathLike[str]) -> CorpusRun:
     passage recorded twice, raises :class:`~tl_strace.errors.ResultsError` naming the file, the
     line and the field.
     """
+    if not isinstance(path, (str, os.PathLike)) or os.fspath(path) == "":
+        raise InputError(f"load_run takes the path of a run directory (str or os.PathLike); got {path!r} "
+                         f"({type(path).__name__}).")
     path = Path(path)
     cfg_path = path / CONFIG_FILE
     if not cfg_path.is_file():

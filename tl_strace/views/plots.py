@@ -125,17 +125,33 @@ def _freeze_layout(fig: Any) -> None:
 
 def save_figure(fig: Any, path: str | os.PathLike, **kwargs: Any) -> str:
     """Save ``fig`` (format from the suffix); SVGs get fixed ids and no date, so equal figures give
-    equal files, and keep their text as glyph outlines. Returns the path."""
+    equal files, and keep their text as glyph outlines. Returns the path.
+
+    The file is written atomically (:func:`tl_strace.fsutil.write_with`): a full disk leaves no
+    truncated figure, a directory or device node at ``path`` is refused. The format is passed to
+    matplotlib explicitly (the temporary file has no suffix); a path without a suffix gets the
+    format's, as matplotlib does (``savefig.format``, PNG by default)."""
     import matplotlib
+
+    from tl_strace.fsutil import write_with
 
     _freeze_layout(fig)
     path = os.fspath(path)
-    if path.lower().endswith(".svg"):
-        with matplotlib.rc_context({"svg.hashsalt": "tl_strace"}):
-            fig.savefig(path, metadata={"Date": None}, **kwargs)
+    fmt = kwargs.pop("format", None) or os.path.splitext(path)[1][1:].lower()
+    if not fmt:
+        fmt = str(matplotlib.rcParams["savefig.format"])
+        path = f"{path}.{fmt}"
+    fmt = str(fmt).lower()
+    if fmt == "svg":
+        def write(tmp: Any) -> None:
+            with matplotlib.rc_context({"svg.hashsalt": "tl_strace"}):
+                fig.savefig(tmp, format=fmt, metadata={"Date": None}, **kwargs)
     else:
         kwargs.setdefault("dpi", 200)
-        fig.savefig(path, **kwargs)
+
+        def write(tmp: Any) -> None:
+            fig.savefig(tmp, format=fmt, **kwargs)
+    write_with(path, write, what="figure file")
     return path
 
 
