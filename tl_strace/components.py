@@ -309,9 +309,11 @@ class Ablation:
     source: dict[str, Any] | None = None
 
     @classmethod
-    def build(cls, spec: ModelSpec, n_pos: int, ablation: str, means: MeanCache | str | os.PathLike | None,
+    def build(cls, spec: ModelSpec, n_pos: int, ablation: str, means: Any,
               positions: str, *, model: Any = None) -> "Ablation":
-        """Check the options and fetch mean values (before any forward pass).
+        """Check the options and fetch mean values (before any forward pass). ``means`` is a
+        :class:`~tl_strace.mean.MeanCache`, the path of a saved one, or ``None`` (annotated ``Any``:
+        anything else is refused here with a one-line :class:`InputError`, not a raw type error).
 
         With ``model``, a mean cache computed on other weights (another checkpoint or fine-tune of
         the same architecture, told apart by :func:`~tl_strace.model.weights_fingerprint`) is
@@ -328,6 +330,11 @@ class Ablation:
             raise InputError(
                 "ablation='mean' needs mean values from a reference corpus: pass "
                 "means=tl_strace.compute_means(model, reference_texts) (or the path of a saved mean cache)."
+            )
+        if not isinstance(means, (MeanCache, str, os.PathLike)):
+            raise InputError(
+                f"means must be a MeanCache or the path of a saved one (str or os.PathLike); got "
+                f"{type(means).__name__}. Pass means=tl_strace.compute_means(model, reference_texts)."
             )
         cache = means if isinstance(means, MeanCache) else MeanCache.load(means)
         cache.check_model(spec, ("z", "mlp_out"), model=model)
@@ -626,7 +633,8 @@ def component_strace(
         attribution_point: the keep value ``m`` in (0, 1) at which attribution gradients are taken.
         target: the true next token (id or text) for cross-entropy and rank.
         seed: seed of the random condition.
-        top_k: top tokens kept per stratum.
+        top_k: top tokens kept per stratum; a value above the vocabulary size keeps every token
+            (``config["top_k"]`` records the effective value, ``min(top_k, d_vocab)``).
         batch_size / memory_budget: rows per masked forward / the whole call's memory bound, as in
             :func:`tl_strace.strace` (component calls have no edge space; see :mod:`tl_strace.memory`).
         prepend_bos: passed to ``model.to_tokens`` for text.
@@ -734,7 +742,8 @@ def component_strace(
         "per_position": per_position, "n_components": C, "components": space.names(),
         "greedy_steps": greedy_steps, "attribution_point": attribution_point if scorer == "attribution" else None,
         "sizes": [float(s) for s in szs], "taus": None, "weights": None, "tv_empty": tv_empty,
-        "seed": int(seed), "prepend_bos": prepend_bos, "top_k": top_k, "version": __version__,
+        # the effective top_k: a top_k above the vocabulary keeps every token and is stored as d_vocab
+        "seed": int(seed), "prepend_bos": prepend_bos, "top_k": int(top_ids.shape[-1]), "version": __version__,
     }
     return StraceResult(
         model=spec.to_json(),

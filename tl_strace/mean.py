@@ -53,14 +53,17 @@ from tl_strace.model import (
     serialised,
     weights_fingerprint,
 )
-from tl_strace.store import read_tensors, write_tensors
+from tl_strace.store import as_path, read_tensors, write_tensors
 
 __all__ = ["MEAN_POSITIONS", "MeanCache", "compute_means", "reference_tokens"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-"""Version of the on-disk format written by :meth:`MeanCache.save`."""
+FORMAT_VERSION = 2
+"""Version of the on-disk format written by :meth:`MeanCache.save`. Format 2 files always carry a
+checksum (:data:`tl_strace.store.CHECKSUMMED_FORMAT`); format 1 (the 0.1.0 release) files may not."""
+
+_READABLE_VERSIONS = (1, FORMAT_VERSION)
 
 MEAN_POSITIONS: tuple[str, ...] = ("agnostic", "per_position")
 """Which mean :meth:`MeanCache.values` returns: one per component, or one per (component, position)."""
@@ -229,14 +232,17 @@ class MeanCache:
 
         The file's checksum is verified, then its schema (:func:`_check_cache_file`): roles and the
         hooks table, tensor dtypes and shapes against the stored model identity, finite means,
-        counts. Files written before checksums existed (the 0.1.0 release) have none and are
-        checked by schema only. Every problem is a :class:`ResultsError` naming the file and field.
+        counts. Files written before checksums existed (the 0.1.0 release, format 1) have none and
+        are checked by schema only; a format-2 file without its checksum is refused. Every problem is
+        a :class:`ResultsError` naming the file and field (a path that is not a ``str``/``os.PathLike``:
+        :class:`InputError`). A FIFO, device or directory is refused before it is opened.
         """
-        path = os.fspath(path)
+        path = as_path(path, "tl_strace mean cache")
         meta, tensors = read_tensors(  # another format, e.g. a StraceResult, lacks the key
             path, _META_KEY, what="tl_strace mean cache",
             missing=f"No mean cache at {path!r}; create one with tl_strace.compute_means(model, reference, path=...).")
-        if not isinstance(meta, dict) or meta.pop("format_version", None) != FORMAT_VERSION:
+        version = meta.pop("format_version", None) if isinstance(meta, dict) else None
+        if isinstance(version, bool) or version not in _READABLE_VERSIONS:
             raise ResultsError(f"{path!r} was written by an incompatible tl_strace version; recompute it.")
         try:
             _check_cache_file(meta, tensors)
@@ -399,6 +405,51 @@ def _refuse_other_model(cached: MeanCache, spec: ModelSpec, wfp: str, path: str 
         )
 
 
+def _check_cache_path(path: Any) -> str:
+    """``compute_means``'s ``path`` as a ``str``, refused before any work when it is not a path, is a
+    directory or a special file (a FIFO would block the read forever), or sits in a missing
+    directory. Writability is not required here: an existing cache in a read-only place is reused."""
+    import stat
+
+    got = as_path(path, "tl_strace mean cache")
+    try:
+        st = os.stat(got)
+    except FileNotFoundError:
+        parent = os.path.dirname(got) or "."
+        if not os.path.isdir(parent):
+            raise InputError(f"path={got!r}: the directory {parent!r} does not exist; create it first or pass "
+                             "another path for the mean cache.") from None
+        return got
+    except OSError as e:
+        raise InputError(f"path={got!r} cannot be read: {e.strerror or e}.") from e
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(f"path={got!r} is a directory; give the name of a mean cache file inside it, e.g. "
+                         f"{os.path.join(got, 'means.safetensors')!r}.")
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"path={got!r} is not a regular file (a FIFO, device or socket); give the path of a mean "
+                         "cache file.")
+    return got
+
+
+def _check_roles(roles: Any) -> tuple[str, ...]:
+    """``roles`` as distinct hook-role names (keys of :data:`tl_strace.model.HOOKS`), read once."""
+    from collections.abc import Iterable
+
+    example = "roles=('z', 'mlp_out')"
+    if isinstance(roles, str):
+        raise InputError(f"roles must be a list of hook roles, e.g. ({roles!r},); got the string {roles!r}.")
+    if not isinstance(roles, Iterable) or isinstance(roles, (bytes, Tensor)):
+        raise InputError(f"roles must be a list of hook roles, e.g. {example}; "
+                         f"got {type(roles).__name__} {roles!r:.60}.")
+    got = tuple(roles)
+    bad = [r for r in got if not isinstance(r, str)]
+    if bad:
+        raise InputError(f"roles must be names of hook roles such as 'z' or 'mlp_out'; got {bad!r:.80} among them.")
+    if not got:
+        raise InputError(f"roles must name at least one hook role, e.g. {example}.")
+    return tuple(dict.fromkeys(got))
+
+
 class _SumHook:
     """Adds the batch sum of a hook's activations into ``sums[layer, :T]`` (a module-level callable,
     not a closure, so it is defined once)."""
@@ -441,16 +492,24 @@ def compute_means(model: Any, reference: Reference, *, roles: Sequence[str] = DE
             roles, a damaged file, or a cache written before weights were recorded) the means
             are computed and written there.
         prepend_bos: passed to ``model.to_tokens`` for texts.
-        batch_size: sequences per forward pass.
+        batch_size: sequences per forward pass (an integer ≥ 1).
+
+    Every argument is checked before any forward pass (one-line :class:`InputError`): roles, a
+    ``path`` that is not a ``str``/``os.PathLike`` or names a directory, device or FIFO or sits in a
+    missing directory, ``batch_size`` (``0``, ``2.5``, ``"a"`` are refused, not coerced), ``prepend_bos``.
 
     >>> means = compute_means(model, passages, path="smollm2_means.safetensors")  # doctest: +SKIP
     >>> means.covered_positions, means.n_tokens                                   # doctest: +SKIP
     """
+    from tl_strace.options import check_int, check_optional_bool
+
     spec = describe_model(model)
-    roles = tuple(dict.fromkeys(roles))
-    if not roles:
-        raise InputError("roles must name at least one hook role, e.g. ('z', 'mlp_out').")
+    roles = _check_roles(roles)
     shapes = {r: _per_layer_shape(r, spec) for r in roles}
+    bs = check_int("batch_size", batch_size, minimum=1)
+    prepend_bos = check_optional_bool("prepend_bos", prepend_bos)
+    if path is not None:
+        path = _check_cache_path(path)
     require_ready(model)
     seqs = reference_tokens(model, spec, reference, prepend_bos=prepend_bos)
     fp = _fingerprint(seqs, roles)
@@ -487,7 +546,6 @@ def compute_means(model: Any, reference: Reference, *, roles: Sequence[str] = DE
     for s in seqs:
         by_len.setdefault(int(s.numel()), []).append(s)
 
-    bs = max(1, int(batch_size))
     with model_guard(model):
         for T, group in sorted(by_len.items()):
             hooks = [(hook_name(r, l), _SumHook(sums[r], l, T)) for r in roles for l in range(L)]

@@ -31,12 +31,15 @@ from tl_strace.density import (
 from tl_strace.errors import InputError, ResultsError
 from tl_strace.graph import EDGE_TYPE_NAMES, EdgeLayout
 from tl_strace.search import NOT_IN_ANY, check_sizes, target_counts
-from tl_strace.store import read_tensors, write_tensors
+from tl_strace.store import as_path, read_tensors, write_tensors
 
 __all__ = ["FORMAT_VERSION", "StraceResult", "Subgraph"]
 
-FORMAT_VERSION = 1
-"""Version of the on-disk format written by :meth:`StraceResult.save`."""
+FORMAT_VERSION = 2
+"""Version of the on-disk format written by :meth:`StraceResult.save`. Format 2 files always carry a
+checksum (:data:`tl_strace.store.CHECKSUMMED_FORMAT`); format 1 (the 0.1.0 release) files may not."""
+
+_READABLE_VERSIONS = (1, FORMAT_VERSION)
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,18 @@ def _tensor(res: Any, name: str, dtypes: tuple[torch.dtype, ...], shape: tuple[i
     return t
 
 
+def _ids_in_vocab(name: str, t: Tensor, vocab: Any) -> None:
+    if t.numel() and (int(t.min()) < 0 or (vocab is not None and int(t.max()) >= vocab)):
+        raise _Bad(name, f"holds ids outside the vocabulary [0, {vocab})")
+
+
+def _probs(t: Tensor, name: str) -> None:
+    """Probabilities: exp of log-probabilities <= 0, so in [0, 1] (1e-6: float32 rounding)."""
+    v = t.double()
+    if bool(torch.isnan(v).any()) or bool((v < 0).any()) or bool((v > 1 + 1e-6).any()):
+        raise _Bad(name, "must be probabilities in [0, 1]")
+
+
 def _str_list(x: Any, name: str, n: int | None = None) -> list[str]:
     if not isinstance(x, list) or not all(isinstance(s, str) for s in x):
         raise _Bad(name, "must be a list of strings")
@@ -207,6 +222,17 @@ def _check_result(res: Any) -> None:
     if gran not in ("token", "component") or (gran == "component") != (method == "component"):
         raise _Bad("config.granularity", f"is {gran!r}, which does not match method {method!r}")
     component = gran == "component"
+    # what each granularity writes (tl_strace.pipeline.strace, tl_strace.components.component_strace)
+    ablations = ("zero", "mean") if component else ("zero",)
+    if "ablation" in cfg and cfg["ablation"] not in ablations:
+        raise _Bad("config.ablation", f"is {cfg['ablation']!r}; a {gran}-level result has one of {list(ablations)}")
+    if "seed" in cfg and not (_is_int(cfg["seed"]) and -(1 << 63) <= cfg["seed"] < (1 << 64)):
+        raise _Bad("config.seed", f"must be an integer seed, got {cfg['seed']!r}")
+    if "ablate_attention" in cfg and (component or not isinstance(cfg["ablate_attention"], bool)):
+        raise _Bad("config.ablate_attention", f"must be true or false on a token-level result only, got "
+                                              f"{cfg['ablate_attention']!r}")
+    if "top_k" in cfg and not (_is_int(cfg["top_k"]) and cfg["top_k"] >= 1):
+        raise _Bad("config.top_k", f"must be a positive integer, got {cfg['top_k']!r}")
     if not isinstance(res.timings, dict) or not all(isinstance(k, str) and _is_num(v) for k, v in res.timings.items()):
         raise _Bad("timings", "must map names to numbers of seconds")
     # ---- input
@@ -291,26 +317,53 @@ def _check_result(res: Any) -> None:
     nuc = res.nucleus_all.double()
     if bool(torch.isnan(nuc).any()) or bool((nuc < -1e-3).any()) or bool((nuc > 100 + 1e-3).any()):
         raise _Bad("nucleus_all", "must lie in [0, 100] (a percentage)")
+    # KL and entropy are clamped / sums of non-negative terms of finite log-probabilities: finite and
+    # >= 0 (1e-4 absorbs float32 rounding, as for TV). CE and rank are NaN exactly when there is no target.
+    for name in ("kl_all", "entropy_all"):
+        v = getattr(res, name).double()
+        if not bool(torch.isfinite(v).all()) or bool((v < -1e-4).any()):
+            raise _Bad(name, "must be finite and non-negative (nats)")
+    ce, trk = res.ce_all.double(), res.target_rank_all.double()
+    if res.target is None:
+        if not bool(torch.isnan(ce).all()) or not bool(torch.isnan(trk).all()):
+            raise _Bad("ce_all" if not bool(torch.isnan(ce).all()) else "target_rank_all",
+                       "must be NaN: the result has no target")
+    else:
+        if not bool(torch.isfinite(ce).all()) or bool((ce < -1e-4).any()):
+            raise _Bad("ce_all", "must be finite and non-negative (nats) with a target")
+        if (not bool(torch.isfinite(trk).all()) or bool((trk < 1).any()) or bool((trk != trk.round()).any())
+                or (vocab is not None and bool((trk > vocab).any()))):
+            raise _Bad("target_rank_all", f"must be whole ranks in [1, {vocab}] with a target")
     _tensor(res, "reaches_input_all", (torch.bool,), shape=(C, K))
     top_ids = _tensor(res, "top_ids", _INT_DTYPES, ndim=3)
     k = int(top_ids.shape[-1])
     if tuple(top_ids.shape[:2]) != (C, K) or k < 1:
         raise _Bad("top_ids", f"has shape {list(top_ids.shape)}, expected [{C}, {K}, top_k]")
-    if "top_k" in cfg and cfg["top_k"] != k:
+    # config.top_k is the effective value; files written before it was stored so may hold a larger
+    # request when every token of the vocabulary was kept (k == d_vocab).
+    if "top_k" in cfg and cfg["top_k"] != k and not (vocab is not None and k == vocab and cfg["top_k"] > k):
         raise _Bad("config.top_k", f"is {cfg['top_k']!r} but top_ids keeps {k} tokens")
-    _tensor(res, "top_probs", _FLOAT_DTYPES, shape=(C, K, k))
+    _ids_in_vocab("top_ids", top_ids, vocab)
+    _probs(_tensor(res, "top_probs", _FLOAT_DTYPES, shape=(C, K, k)), "top_probs")
     ts = res.top_strs
     if not isinstance(ts, list) or len(ts) != C or any(not isinstance(r, list) or len(r) != K for r in ts):
         raise _Bad("top_strs", f"must be {C} × {K} lists of {k} strings")
     for row in ts:
         for cell in row:
             _str_list(cell, "top_strs", k)
-    _tensor(res, "full_top_ids", _INT_DTYPES, shape=(k,))
-    _tensor(res, "full_top_probs", _FLOAT_DTYPES, shape=(k,))
+    _ids_in_vocab("full_top_ids", _tensor(res, "full_top_ids", _INT_DTYPES, shape=(k,)), vocab)
+    _probs(_tensor(res, "full_top_probs", _FLOAT_DTYPES, shape=(k,)), "full_top_probs")
     _str_list(res.full_top_strs, "full_top_strs", k)
     for name in ("full_entropy", "full_ce", "full_target_rank"):
         if not _is_num(getattr(res, name)):
             raise _Bad(name, f"must be a number, got {getattr(res, name)!r}")
+    if not math.isfinite(res.full_entropy) or res.full_entropy < -1e-4:
+        raise _Bad("full_entropy", f"must be finite and non-negative (nats), got {res.full_entropy!r}")
+    for name in ("full_ce", "full_target_rank"):
+        v = float(getattr(res, name))
+        if (res.target is None) != math.isnan(v) or math.isinf(v) or v < (1 if name == "full_target_rank" else -1e-4):
+            raise _Bad(name, f"must be NaN without a target and a finite {'rank >= 1' if 'rank' in name else 'CE >= 0'} "
+                             f"with one, got {v!r}")
     # ---- the trace over the edge space
     labels = _tensor(res, "labels", _INT_DTYPES, shape=(size,))
     rank = _tensor(res, "rank", _INT_DTYPES, shape=(size,))
@@ -559,13 +612,15 @@ class StraceResult:
 
         The file's SHA-256 checksum is verified (a file modified or damaged after it was written is
         refused), then its schema with :meth:`validate`. Files written before checksums existed
-        (the 0.1.0 release) have none: they load when their schema is valid. Every problem is a
-        :class:`ResultsError` naming the file and the field.
+        (the 0.1.0 release, format 1) have none: they load when their schema is valid; a format-2
+        file without its checksum is refused. Every problem is a :class:`ResultsError` naming the
+        file and the field; a ``path`` that is not a ``str``/``os.PathLike`` is an :class:`InputError`.
         """
-        path = os.fspath(path)
+        path = as_path(path, "tl_strace result file")
         meta, tensors = read_tensors(path, "tl_strace", what="tl_strace result file",
                                      missing=f"No result file at {path!r}.")
-        if not isinstance(meta, dict) or meta.pop("format_version", None) != FORMAT_VERSION:
+        version = meta.pop("format_version", None) if isinstance(meta, dict) else None
+        if isinstance(version, bool) or version not in _READABLE_VERSIONS:
             raise ResultsError(f"{path!r} was written by an incompatible tl_strace version.")
         try:
             names = {f.name for f in fields(cls)} - set(cls._TENSORS)

@@ -5,8 +5,13 @@ Every file carries a SHA-256 checksum of its content (:func:`content_checksum`: 
 dtype, shape and bytes, in sorted order, then the canonical JSON of the metadata), stored in the
 safetensors metadata under :data:`CHECKSUM_KEY` and verified by :func:`read_tensors`, so a file
 damaged or edited after it was written is refused instead of loading as a plausible result.
-Files written before checksums existed (the 0.1.0 release) have no checksum: they are
-read, and the caller's schema validation is then their only check (logged as a warning).
+Every file written now also carries the format marker :data:`FORMAT_KEY` = ``"2"`` (and its
+JSON metadata ``format_version`` 2): a file that says it is format 2 but has no checksum was
+edited or damaged and is refused. Only files written before checksums existed (the 0.1.0 release:
+no marker, ``format_version`` 1) have no checksum: they are read, and the caller's schema
+validation is then their only check (logged as a warning).
+Only regular files are read: a FIFO, device or socket is refused before it is opened (opening a
+FIFO would block forever).
 Writes go through :func:`tl_strace.fsutil.write_with`: atomic, never onto a directory or device
 node, no temporary file left behind on failure.
 """
@@ -17,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,15 +32,35 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from tl_strace.errors import ResultsError
+from tl_strace.errors import InputError, ResultsError
 from tl_strace.fsutil import write_with
 
-__all__ = ["CHECKSUM_KEY", "content_checksum", "read_tensors", "write_tensors"]
+__all__ = ["CHECKSUMMED_FORMAT", "CHECKSUM_KEY", "FORMAT_KEY", "as_path", "content_checksum", "read_tensors",
+           "write_tensors"]
 
 logger = logging.getLogger(__name__)
 
 CHECKSUM_KEY = "tl_strace_sha256"
 """Safetensors metadata key holding the SHA-256 of a file's content (see :func:`content_checksum`)."""
+
+FORMAT_KEY = "tl_strace_format"
+"""Safetensors metadata key marking a file written with a checksum (value ``"2"``)."""
+
+CHECKSUMMED_FORMAT = 2
+"""The first on-disk format (``format_version`` in the JSON metadata, :data:`FORMAT_KEY`) that always
+carries a checksum; a file of this format without one was edited or damaged."""
+
+
+def as_path(path: Any, what: str) -> str:
+    """``path`` as a ``str``, or a one-line :class:`InputError` when it is not a path (``str`` or
+    ``os.PathLike``): ``load(42)`` must not end in a raw ``TypeError`` from ``os.fspath``."""
+    if isinstance(path, (bytes, bytearray)) or not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"The {what} path must be a str or os.PathLike (e.g. 'result.safetensors'); got "
+                         f"{type(path).__name__} {path!r:.60}.")
+    got = os.fspath(path)
+    if not isinstance(got, str):  # a PathLike returning bytes
+        raise InputError(f"The {what} path must be text (a str or os.PathLike of str); got {got!r:.60}.")
+    return got
 
 
 def _canonical_json(meta: Any) -> str:
@@ -67,7 +93,8 @@ def write_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], key: str,
     the path is a directory or special file, its directory is missing or read-only, or the write
     fails (full disk); no temporary file is left behind.
     """
-    metadata = {key: json.dumps(meta), CHECKSUM_KEY: content_checksum(tensors, meta)}
+    metadata = {key: json.dumps(meta), CHECKSUM_KEY: content_checksum(tensors, meta),
+                FORMAT_KEY: str(CHECKSUMMED_FORMAT)}
 
     def writer(tmp: Path) -> None:
         try:
@@ -86,15 +113,25 @@ def read_tensors(path: str | os.PathLike, key: str, *, what: str,
 
     Raises :class:`ResultsError` with ``missing`` when there is no file, saying the file is not a
     ``what`` when it cannot be read or lacks the metadata ``key``, and saying it was modified or
-    damaged when its content no longer matches the checksum stored in it. A file without a checksum
-    (written before checksums existed) is returned with a logged warning; the caller's schema
-    validation is then its only check.
+    damaged when its content no longer matches the checksum stored in it, or when it is of a format
+    that always has a checksum (:data:`FORMAT_KEY`, ``format_version`` ≥ :data:`CHECKSUMMED_FORMAT`)
+    but has none. A file without a checksum written before checksums existed (no marker) is returned
+    with a logged warning; the caller's schema validation is then its only check. A path that is
+    not a regular file (a directory, FIFO, device, socket) is refused before it is opened;
+    a path that is not a ``str``/``os.PathLike`` is an :class:`InputError`.
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ResultsError(missing)
-    if os.path.isdir(path):
+    path = as_path(path, what)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ResultsError(missing) from None
+    except OSError as e:
+        raise ResultsError(f"Cannot read the {what} {path!r}: {e.strerror or e}.") from e
+    if stat.S_ISDIR(st.st_mode):
         raise ResultsError(f"{path!r} is a directory, not a {what} file; give the path of the file.")
+    if not stat.S_ISREG(st.st_mode):
+        raise ResultsError(f"{path!r} is not a regular file (a FIFO, device or socket), so it is not a {what}; "
+                           "give the path of a saved file.")
     try:
         with safe_open(path, framework="pt") as f:
             raw = f.metadata() or {}
@@ -103,6 +140,14 @@ def read_tensors(path: str | os.PathLike, key: str, *, what: str,
     except Exception as e:  # corrupt file, another format
         raise ResultsError(f"{path!r} is not a {what} ({type(e).__name__}: {e}).") from e
     stored = raw.get(CHECKSUM_KEY)
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if stored is None and (FORMAT_KEY in raw or (isinstance(version, (int, float)) and not isinstance(version, bool)
+                                                 and version >= CHECKSUMMED_FORMAT)):
+        raise ResultsError(
+            f"{path!r} was modified or damaged after it was written: it is a format-{CHECKSUMMED_FORMAT} {what}, "
+            f"which always carries a SHA-256 checksum, but its checksum was removed. Do not use it; restore an "
+            f"intact copy or recompute it."
+        )
     if stored is None:
         logger.warning("%s has no checksum (written by an older tl_strace); checked by its schema only.", path)
     elif stored != content_checksum(tensors, meta):

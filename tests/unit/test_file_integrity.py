@@ -132,10 +132,11 @@ def test_edited_result_is_refused_naming_the_field(saved, edit, recompute):
 def test_file_without_checksum_is_schema_checked_and_loads(res, saved):
     """Files written before checksums existed load (schema-checked only); inconsistent ones fail."""
     raw, tensors = _read_raw(saved)
-    save_file(tensors, str(saved), metadata={"tl_strace": raw["tl_strace"]})
+    meta = json.loads(raw["tl_strace"])
+    meta["format_version"] = 1  # what 0.1.0 wrote: format 1, no checksum (format 2 always has one)
+    save_file(tensors, str(saved), metadata={"tl_strace": json.dumps(meta)})
     back = ts.StraceResult.load(saved)
     assert back.density == res.density
-    meta = json.loads(raw["tl_strace"])
     meta["n_edges"] += 1
     save_file(tensors, str(saved), metadata={"tl_strace": json.dumps(meta)})
     with pytest.raises(ResultsError, match="n_edges"):
@@ -263,6 +264,7 @@ def test_mean_cache_without_checksum_or_fingerprint_still_loads(gpt2_model, save
     raw, tensors = _read_raw(path)
     meta = json.loads(raw["tl_strace_means"])
     del meta["model_fingerprint"]
+    meta["format_version"] = 1  # 0.1.0: format 1, no checksum (format 2 always has one)
     save_file(tensors, str(path), metadata={"tl_strace_means": json.dumps(meta)})
     old = MeanCache.load(path)
     assert old.model_fingerprint is None and torch.equal(old.means["z"], cache.means["z"])
