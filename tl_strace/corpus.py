@@ -963,6 +963,9 @@ def run_corpus(
     tracer, trace_kw = _make_tracer(granularity, ablation, ablate_attention, opts)
 
     passages_all = load_passages(data)
+    if not len(passages_all.passages):
+        raise InputError(f"The data {passages_all.source!r} holds no passages; give a file with at least one "
+                         "passage (TSV, JSONL or text) or a shipped set such as 'austen-40'.")
     passages = passages_all.with_limit(limit)
     out = Path(out)
     config: dict[str, Any] = {

@@ -342,3 +342,12 @@ def test_run_corpus_wrong_types_before_any_work(model_dir: str, data_file: Path,
     with pytest.raises(InputError, match="model is empty"):
         run_corpus("", data_file, out, progress=False)
     assert not out.exists()
+
+
+def test_run_corpus_refuses_data_without_passages(model_dir: str, tmp_path: Path) -> None:
+    """An empty data file is a mistake (a wrong path or an empty export), not a finished run."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(InputError, match="holds no passages"):
+        unchecked_run_corpus(model_dir, empty, tmp_path / "r", sizes=SIZES, progress=False)
+    assert not (tmp_path / "r").exists()
