@@ -42,7 +42,11 @@ def test_same_strata_and_tv_through_bridge_and_hooked(smollm2_bridge, smollm2_ho
     with torch.no_grad():
         lb = smollm2_bridge(tokens)[0, -1].float().log_softmax(-1)
         lh = smollm2_hooked(tokens)[0, -1].float().log_softmax(-1)
-    assert (lb - lh).abs().max() <= 1e-4
+    # Two implementations of one fp32 function (HF modules behind the bridge vs TransformerLens's own
+    # einsums), so they differ by rounding, relative to the log-probs' magnitude (~25 here): 4e-6 of
+    # it was measured with one thread on a busy machine; 2e-5 leaves headroom, and is far below what
+    # a real difference between the backends (a missing bias, another norm) would give (> 1e-2).
+    assert (lb - lh).abs().max() <= 2e-5 * max(1.0, float(lb.abs().max()))
     conditions = ["only", "random", "inverse"]
     rb = ts.strace(smollm2_bridge, PASSAGES[0], conditions=conditions)
     rh = ts.strace(smollm2_hooked, PASSAGES[0], conditions=conditions)
@@ -69,12 +73,15 @@ def test_folded_norms_keep_the_decomposition_exact(smollm2_hooked, smollm2_hooke
     run = clean_run(proc, spec, tokens)
     assert not run.norm_centre and torch.equal(run.norm_w, torch.ones(spec.d_model))
     errs = check_decomposition(run, node_vectors(run))
-    assert max(errs.values()) < 1e-3  # absolute, on streams with norms in the hundreds (as tests/real)
+    # relative to the streams, as in tests/real/test_smollm2.py (values reach ~1e4; see the reason there)
+    scale = float(torch.cat([run.resid_pre.flatten(), run.resid_post.flatten()]).abs().max())
+    assert max(errs.values()) <= 1e-6 * scale, (errs, scale)
     torch.testing.assert_close(run.resid_post[-1, -1] / run.final_scale, run.final_out, atol=1e-6, rtol=1e-6)
     raw_spec = describe_model(smollm2_hooked)
     raw = clean_run(smollm2_hooked, raw_spec, tokens)
     # ln_final.w now lives in W_U: the same logits (folding RMSNorm is a reparametrisation) ...
-    assert (run.logits.log_softmax(-1) - raw.logits.log_softmax(-1)).abs().max() <= 1e-4
+    want = raw.logits.log_softmax(-1)
+    assert (run.logits.log_softmax(-1) - want).abs().max() <= 2e-5 * max(1.0, float(want.abs().max()))  # as above
     # ... but not the same edge weights: the last block's edge vectors are no longer multiplied by
     # ln_final.w (it lives in W_U), so strata may differ from the raw model's. The pipeline runs and
     # the full graph reproduces the model.
