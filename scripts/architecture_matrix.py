@@ -10,7 +10,7 @@ the 97-word vocabulary of ``tests/tiny.py``, 4 experts with 2 active for MoE), b
 * ``tl_strace.check_model(model, tokens)`` (edges sum to every node, the full graph reproduces the
   logits to 1e-4 relative, attention masking acts), then
 * one ``tl_strace.strace(model, tokens, conditions=("only",), sizes=[0.1, 1.0])`` whose TV at s = 1
-  must be <= 1e-6;
+  must be <= 1e-5;
 
 both pass: **exact**; tl_strace raises ``UnsupportedModelError`` / ``DecompositionError``:
 **refused** (the reason is the first line of its message); the model cannot be built or booted
@@ -49,7 +49,9 @@ from tests.tiny import VOCAB, save_tiny_tokenizer  # noqa: E402
 DOCS_MD = ROOT / "docs" / "architectures.md"
 DOCS_JSON = ROOT / "docs" / "architectures.json"
 TOKENS = [0, 5, 17, 3, 42, 8, 9, 23, 61, 4]
-TV_TOL = 1e-6
+# TV is a probability mass; a masked fp32 forward of another batch shape / thread count moves each
+# of the 97 probabilities by ~1e-7, so TV at s = 1 reaches ~2e-6 (measured with 2 threads): 1e-5.
+TV_TOL = 1e-5
 
 # ------------------------------------------------------------------------------------------------
 # Registry entries that are not decoder-only attention-based causal LMs (second table).
@@ -340,7 +342,7 @@ def _md(rows: list[dict[str, Any]], seconds: float) -> str:
         f"{H} heads, {KV} KV heads where the config has GQA, intermediate {FF}, vocabulary {VOCAB}, 4 experts / 2 active),",
         "booted with `TransformerBridge.boot_transformers`, and classified with `tl_strace.check_model` (edges sum to",
         "every node, the full graph reproduces the logits to 1e-4 relative, attention masking acts) and one",
-        "`tl_strace.strace(..., conditions=(\"only\",), sizes=[0.1, 1.0])` with TV at s = 1 <= 1e-6.",
+        "`tl_strace.strace(..., conditions=(\"only\",), sizes=[0.1, 1.0])` with TV at s = 1 <= 1e-5.",
         "**exact**: both pass. **refused**: tl_strace raises (reason = first line of its message); a refused model is",
         "never traced approximately. **cannot build**: the tiny model cannot be built or booted offline.",
         "",

@@ -9,6 +9,7 @@ OLMo-2) families must be exact. Regenerate the table with ``python scripts/archi
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 from pathlib import Path
@@ -16,6 +17,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+
+# The table describes one TransformerLens release (its adapter registry and bridges); under another
+# (CI's TransformerLens 3.9 stage) the registry and several bridges differ, so the table is not
+# re-checked there. Regenerate it after an upgrade.
+_TL = importlib.metadata.version("transformer-lens")
+pytestmark = pytest.mark.skipif(not _TL.startswith("4.3."), reason=f"docs/architectures.md describes "
+                                f"TransformerLens 4.3; this is {_TL}")
 _spec = importlib.util.spec_from_file_location("architecture_matrix", ROOT / "scripts" / "architecture_matrix.py")
 am = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(am)
