@@ -53,7 +53,7 @@ from tl_strace.model import (
     serialised,
     weights_fingerprint,
 )
-from tl_strace.store import as_path, read_tensors, write_tensors
+from tl_strace.store import SchemaViolation, as_path, read_tensors, schema_checked, write_tensors
 
 __all__ = ["MEAN_POSITIONS", "MeanCache", "compute_means", "reference_tokens"]
 
@@ -244,14 +244,9 @@ class MeanCache:
         version = meta.pop("format_version", None) if isinstance(meta, dict) else None
         if isinstance(version, bool) or version not in _READABLE_VERSIONS:
             raise ResultsError(f"{path!r} was written by an incompatible tl_strace version; recompute it.")
-        try:
+        with schema_checked(path, "tl_strace mean cache",
+                            "recompute it with tl_strace.compute_means(model, reference)"):
             _check_cache_file(meta, tensors)
-        except _Bad as e:
-            raise ResultsError(f"{path!r} is not a valid tl_strace mean cache ({e}); it was edited or damaged after "
-                               "it was written: recompute it with tl_strace.compute_means(model, reference).") from e
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:  # a value of an unexpected kind
-            raise ResultsError(f"{path!r} is not a valid tl_strace mean cache ({type(e).__name__}: {e}); recompute it "
-                               "with tl_strace.compute_means(model, reference).") from e
         roles = sorted(meta["hooks"])
         return cls(model=meta["model"], hooks=meta["hooks"],
                    means={r: tensors[f"mean.{r}"] for r in roles},
@@ -262,11 +257,7 @@ class MeanCache:
                    model_fingerprint=meta.get("model_fingerprint"))
 
 
-class _Bad(Exception):
-    """One schema violation of a mean cache file: the field and what is wrong."""
-
-    def __init__(self, name: str, problem: str) -> None:
-        super().__init__(f"{name}: {problem}")
+_Bad = SchemaViolation  # one schema violation of a mean cache file: the field and what is wrong
 
 
 def _is_sha256(x: Any) -> bool:

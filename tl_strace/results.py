@@ -31,7 +31,7 @@ from tl_strace.density import (
 from tl_strace.errors import InputError, ResultsError
 from tl_strace.graph import EDGE_TYPE_NAMES, EdgeLayout
 from tl_strace.search import NOT_IN_ANY, check_sizes, target_counts
-from tl_strace.store import as_path, read_tensors, write_tensors
+from tl_strace.store import SchemaViolation, as_path, read_tensors, schema_checked, write_tensors
 
 __all__ = ["FORMAT_VERSION", "StraceResult", "Subgraph"]
 
@@ -149,11 +149,7 @@ _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _CURVES = ("tv_all", "kl_all", "nucleus_all", "entropy_all", "ce_all", "target_rank_all")
 
 
-class _Bad(Exception):
-    """One schema violation: the field and what is wrong with it (turned into a ResultsError)."""
-
-    def __init__(self, name: str, problem: str) -> None:
-        super().__init__(f"{name}: {problem}")
+_Bad = SchemaViolation  # one schema violation: the field and what is wrong (turned into a ResultsError)
 
 
 def _is_int(x: Any) -> bool:
@@ -622,7 +618,7 @@ class StraceResult:
         version = meta.pop("format_version", None) if isinstance(meta, dict) else None
         if isinstance(version, bool) or version not in _READABLE_VERSIONS:
             raise ResultsError(f"{path!r} was written by an incompatible tl_strace version.")
-        try:
+        with schema_checked(path, "tl_strace result", "recompute it or restore an intact copy"):
             names = {f.name for f in fields(cls)} - set(cls._TENSORS)
             for what, have, want, optional in (("metadata", set(meta), names, {"timings"}),
                                                ("tensors", set(tensors), set(cls._TENSORS), set())):
@@ -643,12 +639,6 @@ class StraceResult:
             meta["conditions"] = tuple(meta["conditions"])
             meta.setdefault("timings", {})
             _check_result(SimpleNamespace(**meta, **tensors))  # before construction (its type hints)
-        except _Bad as e:
-            raise ResultsError(f"{path!r} is not a valid tl_strace result ({e}); it was edited or damaged after "
-                               "it was written: recompute it or restore an intact copy.") from e
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:  # a value of an unexpected kind
-            raise ResultsError(f"{path!r} is not a valid tl_strace result ({type(e).__name__}: {e}); it was edited or "
-                               "damaged after it was written: recompute it or restore an intact copy.") from e
         return cls(**meta, **tensors)
 
     def __repr__(self) -> str:

@@ -22,8 +22,9 @@ import hashlib
 import json
 import logging
 import os
+import contextlib
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,8 @@ from torch import Tensor
 from tl_strace.errors import InputError, ResultsError
 from tl_strace.fsutil import write_with
 
-__all__ = ["CHECKSUMMED_FORMAT", "CHECKSUM_KEY", "FORMAT_KEY", "as_path", "content_checksum", "read_tensors",
-           "write_tensors"]
+__all__ = ["CHECKSUMMED_FORMAT", "CHECKSUM_KEY", "FORMAT_KEY", "SchemaViolation", "as_path", "content_checksum",
+           "read_tensors", "schema_checked", "write_tensors"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,30 @@ FORMAT_KEY = "tl_strace_format"
 CHECKSUMMED_FORMAT = 2
 """The first on-disk format (``format_version`` in the JSON metadata, :data:`FORMAT_KEY`) that always
 carries a checksum; a file of this format without one was edited or damaged."""
+
+
+class SchemaViolation(Exception):
+    """One schema violation of a stored file: the field and what is wrong with it. Raised by the
+    schema checks of results and mean caches, turned into a :class:`ResultsError` by
+    :func:`schema_checked`."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"{name}: {problem}")
+
+
+@contextlib.contextmanager
+def schema_checked(path: str, what: str, fix: str) -> Iterator[None]:
+    """Run a file's schema checks: a :class:`SchemaViolation`, or a value of an unexpected kind
+    (``TypeError`` ... ``AttributeError`` from a check reading it), becomes one :class:`ResultsError`
+    naming ``path``, the ``what`` it should be, the problem and the ``fix``."""
+    try:
+        yield
+    except SchemaViolation as e:
+        raise ResultsError(f"{path!r} is not a valid {what} ({e}); it was edited or damaged after it was "
+                           f"written: {fix}.") from e
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        raise ResultsError(f"{path!r} is not a valid {what} ({type(e).__name__}: {e}); it was edited or damaged "
+                           f"after it was written: {fix}.") from e
 
 
 def as_path(path: Any, what: str) -> str:
