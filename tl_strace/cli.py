@@ -17,6 +17,11 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from tl_strace.io.bundled import list_bundled_models
+
+#: The bundled model names, read from the registry (never a second list here).
+_BUNDLED = ", ".join(list_bundled_models())
+
 __all__ = ["COMMANDS", "main"]
 
 
@@ -99,7 +104,7 @@ def format_trace(res: Any, *, show_tokens: Sequence[float] = (1e-3, 1e-2, 0.1, 0
 def _add_trace(p: argparse.ArgumentParser) -> None:
     p.add_argument("text", help="the input text; the token after its last token is the prediction traced")
     p.add_argument("--model", default="smollm2-135m", type=_NAME,
-                   help="bundled model name, local directory, or hub name (default: smollm2-135m, offline)")
+                   help=f"bundled model ({_BUNDLED}; offline), local directory, or hub name (default: smollm2-135m)")
     p.add_argument("--method", default="strace", choices=["strace", "threshold", "nucleus"])
     p.add_argument("--weights", default="l1", choices=["l1", "ifr"])
     p.add_argument("--sizes", type=float, nargs="+", help="s-Trace target sizes in (0, 1] (default: paper B's 26)")
@@ -164,7 +169,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 
 # ---------------------------------------------------------------- corpus runs (tl_strace.corpus, tl_strace.analysis)
 def _add_run(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, type=_NAME, help="bundled model name (smollm2-135m), local directory, or hub name")
+    p.add_argument("--model", required=True, type=_NAME, help=f"bundled model ({_BUNDLED}), local directory, or hub name")
     p.add_argument("--data", required=True, type=_text_arg("data set name or file"), help="shipped set (austen-40, austen-20, austen-10), a .jsonl/.tsv/.txt "
                    "file of passages, or wikitext[:config[:split]] (needs the internet or a datasets cache)")
     p.add_argument("--out", required=True, type=_PATH, help="run directory; rerun the same command to resume")

