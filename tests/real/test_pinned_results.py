@@ -1,0 +1,79 @@
+"""Pinned real results: SmolLM2's strata and curves on three passages must not move.
+
+The redesign (issue 14) moves code, not numbers. This test pins what `strace` (token level, the
+three conditions) and `component_strace` compute on the real SmolLM2-135M for three shipped Austen
+passages, as measured at commit b2baa3d (before the redesign): the SHA-256 of the stratum labels of
+every edge (strata equal, not merely similar), the per-stratum edge counts, and every TV value.
+
+Regenerate only when a number is meant to change, and say which and why in CHANGELOG.md:
+``TL_STRACE_UPDATE_SNAPSHOTS=1 python -m pytest tests/real/test_pinned_results.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import tl_strace as ts
+from tl_strace.io.datasets import load_passages
+
+pytestmark = pytest.mark.real
+
+SNAPSHOT = Path(__file__).parent / "snapshots" / "smollm2_pinned.json"
+UPDATE = os.environ.get("TL_STRACE_UPDATE_SNAPSHOTS") == "1"
+
+#: TV is a probability mass in [0, 1]; fp32 forwards under another thread count or batch shape
+#: round differently by ~1e-7 (measured 0 between 1 and 2 threads here): 1e-6 is the issue's bound.
+TV_TOL = 1e-6
+
+
+def _digest(t: Any) -> str:
+    return hashlib.sha256(np.ascontiguousarray(t.numpy().astype(np.int64)).tobytes()).hexdigest()
+
+
+def _measure(model: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for p in load_passages("austen-20")[:3]:
+        res = ts.strace(model, p.text)
+        out[f"token/{p.id}"] = {
+            "labels_sha256": _digest(res.labels),
+            "counts": res.counts.tolist(),
+            "conditions": list(res.conditions),
+            "tv": res.tv_all.tolist(),
+            "density": float(res.density),
+        }
+    p = load_passages("austen-20")[0]
+    comp = ts.component_strace(model, p.text)
+    out[f"component/{p.id}"] = {
+        "labels_sha256": _digest(comp.labels),
+        "counts": comp.counts.tolist(),
+        "conditions": list(comp.conditions),
+        "tv": comp.tv_all.tolist(),
+        "density": float(comp.density),
+    }
+    return out
+
+
+def test_smollm2_results_are_pinned(smollm2_bridge: Any) -> None:
+    now = _measure(smollm2_bridge)
+    if UPDATE or not SNAPSHOT.is_file():
+        if not UPDATE:
+            pytest.fail(f"{SNAPSHOT} is missing; create it with TL_STRACE_UPDATE_SNAPSHOTS=1")
+        SNAPSHOT.parent.mkdir(exist_ok=True)
+        SNAPSHOT.write_text(json.dumps(now, indent=1) + "\n")
+        return
+    pinned = json.loads(SNAPSHOT.read_text())
+    assert sorted(now) == sorted(pinned)
+    for key, want in pinned.items():
+        got = now[key]
+        assert got["conditions"] == want["conditions"], key
+        assert got["counts"] == want["counts"], key
+        assert got["labels_sha256"] == want["labels_sha256"], f"{key}: the strata changed"
+        tv_err = np.abs(np.array(got["tv"]) - np.array(want["tv"])).max()
+        assert tv_err <= TV_TOL, (key, tv_err)
