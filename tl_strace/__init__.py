@@ -23,6 +23,7 @@ from tl_strace.mean import MeanCache, compute_means
 from tl_strace.pipeline import check_model, strace
 from tl_strace.results import StraceResult, Subgraph
 from tl_strace.search import DEFAULT_SIZES
+from tl_strace import views as _views  # noqa: F401  registers the result display methods' renderers
 
 __all__ = [
     "DEFAULT_SIZES",

@@ -37,7 +37,7 @@ from tl_strace.errors import InputError, UnsupportedModelError
 from tl_strace.graph import EdgeLayout
 from tl_strace.model import ModelSpec, attention_without_heads, hook_name, run_hooked
 
-__all__ = ["CONDITIONS", "MaskRow", "bytes_per_row", "check_conditions", "masked_logprobs", "verify_attention_masking"]
+__all__ = ["CONDITIONS", "MaskRow", "bytes_per_row", "masked_logprobs", "verify_attention_masking"]
 
 _SENTINEL = torch.iinfo(torch.int16).max
 
@@ -45,15 +45,6 @@ _SENTINEL = torch.iinfo(torch.int16).max
 CONDITIONS: tuple[str, ...] = ("only", "random", "inverse")
 """Evaluation conditions: the subgraph alone, a random connected subgraph of the same size (the same
 search on seeded uniform weights), and the subgraph's complement with every residual edge kept."""
-
-
-def check_conditions(conditions: Sequence[str]) -> tuple[str, ...]:
-    """Distinct known condition names, with ``"only"`` first added when missing (it is always run)."""
-    conds = tuple(conditions)
-    unknown = [c for c in conds if c not in CONDITIONS]
-    if unknown or not conds or len(set(conds)) != len(conds):
-        raise InputError(f"Conditions must be distinct names from {list(CONDITIONS)}; got {list(conditions)}.")
-    return conds if "only" in conds else ("only", *conds)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,14 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+# The choices come from the registries (one list of names each, never a second copy here).
+from tl_strace.ablation import CONDITIONS
+from tl_strace.components import ABLATIONS
+from tl_strace.corpus import GRANULARITIES
 from tl_strace.io.bundled import list_bundled_models
+from tl_strace.io.datasets import SHIPPED_SETS
+from tl_strace.search import STRATIFICATIONS
+from tl_strace.weights import WEIGHTS
 
 #: The bundled model names, read from the registry (never a second list here).
 _BUNDLED = ", ".join(list_bundled_models())
@@ -105,12 +112,11 @@ def _add_trace(p: argparse.ArgumentParser) -> None:
     p.add_argument("text", help="the input text; the token after its last token is the prediction traced")
     p.add_argument("--model", default="smollm2-135m", type=_NAME,
                    help=f"bundled model ({_BUNDLED}; offline), local directory, or hub name (default: smollm2-135m)")
-    p.add_argument("--method", default="strace", choices=["strace", "threshold", "nucleus"])
-    p.add_argument("--weights", default="l1", choices=["l1", "ifr"])
+    p.add_argument("--method", default="strace", choices=list(STRATIFICATIONS))
+    p.add_argument("--weights", default="l1", choices=list(WEIGHTS))
     p.add_argument("--sizes", type=float, nargs="+", help="s-Trace target sizes in (0, 1] (default: paper B's 26)")
     p.add_argument("--taus", type=float, nargs="+", help="thresholds for --method threshold/nucleus")
-    p.add_argument("--conditions", nargs="+", default=["only", "random", "inverse"],
-                   choices=["only", "random", "inverse"])
+    p.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
     p.add_argument("--target", help="the true next token (text), for cross-entropy and rank")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
     p.add_argument("--batch-size", type=int, help="masks per forward pass (default: from the memory budget)")
@@ -126,7 +132,7 @@ def _run_trace(args: argparse.Namespace) -> int:
     from tl_strace.errors import InputError
     from tl_strace.fsutil import check_output_path
     from tl_strace.options import check_target
-    from tl_strace.pipeline import _check_options
+    from tl_strace.options import TraceOptions
 
     # Before the model is loaded (seconds): the options by the rules strace applies (sizes, taus
     # against the method, batch size, ...), the text and target, then the output paths (a missing or
@@ -138,8 +144,8 @@ def _run_trace(args: argparse.Namespace) -> int:
             raise InputError("--target is empty; give the true next token as text (e.g. --target ' Paris') "
                              "or leave it out.")
         check_target(args.target)
-    _check_options(args.method, args.weights, args.conditions, args.sizes, args.taus, 5, args.seed,
-                   args.batch_size, args.memory_budget, None, True)
+    TraceOptions(method=args.method, weights=args.weights, conditions=args.conditions, sizes=args.sizes,
+                 taus=args.taus, seed=args.seed, batch_size=args.batch_size, memory_budget=args.memory_budget)
     if args.save:
         check_output_path(args.save, what="--save file")
     if args.html:
@@ -170,15 +176,15 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 # ---------------------------------------------------------------- corpus runs (tl_strace.corpus, tl_strace.analysis)
 def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, type=_NAME, help=f"bundled model ({_BUNDLED}), local directory, or hub name")
-    p.add_argument("--data", required=True, type=_text_arg("data set name or file"), help="shipped set (austen-40, austen-20, austen-10), a .jsonl/.tsv/.txt "
+    p.add_argument("--data", required=True, type=_text_arg("data set name or file"), help=f"shipped set ({', '.join(SHIPPED_SETS)}), a .jsonl/.tsv/.txt "
                    "file of passages, or wikitext[:config[:split]] (needs the internet or a datasets cache)")
     p.add_argument("--out", required=True, type=_PATH, help="run directory; rerun the same command to resume")
-    p.add_argument("--granularity", default="token", choices=["token", "component"])
-    p.add_argument("--ablation", default="zero", choices=["zero", "mean"])
+    p.add_argument("--granularity", default="token", choices=list(GRANULARITIES))
+    p.add_argument("--ablation", default="zero", choices=list(ABLATIONS))
     p.add_argument("--limit", type=int, help="trace only the first N passages (may grow between invocations)")
-    p.add_argument("--conditions", nargs="+", default=["only"], choices=["only", "random", "inverse"])
-    p.add_argument("--method", default="strace", choices=["strace", "threshold", "nucleus"])
-    p.add_argument("--weights", default="l1", choices=["l1", "ifr"])
+    p.add_argument("--conditions", nargs="+", default=["only"], choices=list(CONDITIONS))
+    p.add_argument("--method", default="strace", choices=list(STRATIFICATIONS))
+    p.add_argument("--weights", default="l1", choices=list(WEIGHTS))
     p.add_argument("--sizes", type=float, nargs="+", help="s-Trace target sizes (default: paper B's 26)")
     p.add_argument("--taus", type=float, nargs="+", help="thresholds for --method threshold/nucleus")
     p.add_argument("--record-sizes", type=float, nargs="+", default=None,

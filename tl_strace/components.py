@@ -104,7 +104,6 @@ from torch import Tensor
 
 from tl_strace import options
 from tl_strace._version import __version__
-from tl_strace.ablation import check_conditions
 from tl_strace.errors import InputError, UnsupportedModelError
 from tl_strace.graph import EdgeLayout, check_decomposition, node_vectors
 from tl_strace.memory import rows_for_budget
@@ -133,6 +132,7 @@ from tl_strace.search import NOT_IN_ANY, check_sizes
 
 __all__ = [
     "ABLATIONS",
+    "ComponentOptions",
     "COMPONENT_SCORERS",
     "Ablation",
     "ComponentSpace",
@@ -558,6 +558,38 @@ COMPONENT_SCORERS: dict[str, Callable[[_Context], tuple[Tensor, Tensor]]] = {
     "attribution": score_attribution,
     "greedy": search_greedy,
 }
+
+
+@dataclass(frozen=True)
+class ComponentOptions(options.CommonOptions):
+    """Every option of a component-level trace (:func:`component_strace`, the corpus runner with
+    ``granularity="component"``): the shared ones (:class:`tl_strace.options.CommonOptions`) plus
+    the scorer, the ablation and its means' positions, per-position components, and the scorers'
+    own settings; names are checked against :data:`COMPONENT_SCORERS`, :data:`ABLATIONS` and
+    :data:`tl_strace.mean.MEAN_POSITIONS`. Constructing one is the check."""
+
+    scorer: Any = "l1"
+    ablation: Any = "zero"
+    mean_positions: Any = "agnostic"
+    per_position: Any = False
+    greedy_steps: Any = None
+    attribution_point: Any = 0.5
+
+    def __post_init__(self) -> None:
+        scorer = options.check_choice("scorer", self.scorer, COMPONENT_SCORERS)
+        super().__post_init__()
+        point = options.check_float("attribution_point", self.attribution_point)
+        if not 0.0 < point < 1.0 and scorer == "attribution":
+            raise InputError(f"attribution_point must lie strictly between 0 and 1 (KL has no gradient at the full "
+                             f"model, m = 1); got {point}.")
+        steps = options.check_int("greedy_steps", self.greedy_steps, minimum=1, optional=True)
+        if steps is not None and scorer != "greedy":
+            raise InputError(f"greedy_steps applies to scorer='greedy' only (scorer is {scorer!r}); leave it None.")
+        for k, v in {"scorer": scorer, "attribution_point": point, "greedy_steps": steps,
+                     "ablation": options.check_choice("ablation", self.ablation, ABLATIONS),
+                     "mean_positions": options.check_choice("mean_positions", self.mean_positions, MEAN_POSITIONS),
+                     "per_position": options.check_bool("per_position", self.per_position)}.items():
+            object.__setattr__(self, k, v)
 """Component rankings by name: each returns (component ids in rank order, per-component score)."""
 
 
@@ -644,23 +676,15 @@ def component_strace(
     """
     t0 = time.perf_counter()
     spec = describe_model(model)
-    # Every option, before any work (tl_strace.options); iterables are read once, scalars made canonical.
-    scorer = options.check_choice("scorer", scorer, COMPONENT_SCORERS)
-    ablation = options.check_choice("ablation", ablation, ABLATIONS)
-    mean_positions = options.check_choice("mean_positions", mean_positions, MEAN_POSITIONS)
-    per_position = options.check_bool("per_position", per_position)
-    conds = check_conditions(options.check_conditions(conditions))
-    sizes = options.check_sizes(sizes)
-    attribution_point = options.check_float("attribution_point", attribution_point)
-    if not 0.0 < attribution_point < 1.0 and scorer == "attribution":
-        raise InputError(f"attribution_point must lie strictly between 0 and 1 (KL has no gradient at the full "
-                         f"model, m = 1); got {attribution_point}.")
-    greedy_steps = options.check_int("greedy_steps", greedy_steps, minimum=1, optional=True)
-    if greedy_steps is not None and scorer != "greedy":
-        raise InputError(f"greedy_steps applies to scorer='greedy' only (scorer is {scorer!r}); leave it None.")
-    top_k, seed = options.check_top_k(top_k), options.check_seed(seed)
-    batch_size, memory_budget = options.check_batch_size(batch_size), options.check_memory_budget(memory_budget)
-    prepend_bos = options.check_optional_bool("prepend_bos", prepend_bos)
+    # Every option, before any work; iterables are read once, scalars made canonical.
+    opts = ComponentOptions(sizes=sizes, conditions=conditions, seed=seed, top_k=top_k, batch_size=batch_size,
+                            memory_budget=memory_budget, prepend_bos=prepend_bos, scorer=scorer, ablation=ablation,
+                            mean_positions=mean_positions, per_position=per_position, greedy_steps=greedy_steps,
+                            attribution_point=attribution_point)
+    scorer, ablation, mean_positions, per_position = opts.scorer, opts.ablation, opts.mean_positions, opts.per_position
+    conds, sizes, attribution_point, greedy_steps = opts.conditions, opts.sizes, opts.attribution_point, opts.greedy_steps
+    top_k, seed, batch_size, memory_budget = opts.top_k, opts.seed, opts.batch_size, opts.memory_budget
+    prepend_bos = opts.prepend_bos
     require_ready(model)
     tokens = prepare_tokens(model, spec, input, prepend_bos=prepend_bos)
     T = int(tokens.numel())

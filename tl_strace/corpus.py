@@ -49,10 +49,10 @@ import contextlib
 import hashlib
 import inspect
 import json
+import logging
 import math
 import os
 import platform
-import sys
 import tempfile
 import time
 import warnings
@@ -79,6 +79,8 @@ from tl_strace.mean import compute_means
 from tl_strace.model import describe_model, model_dtype, prepare_tokens, weights_fingerprint
 from tl_strace.pipeline import strace
 from tl_strace.search import DEFAULT_SIZES
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "GRANULARITIES",
@@ -935,22 +937,16 @@ def run_corpus(
     # passage would refuse is refused here, once, and not recorded as thousands of skipped passages.
     granularity = options.check_choice("granularity", granularity, GRANULARITIES)
     ablation = options.check_choice("ablation", ablation, ABLATIONS)
-    # "only" first, then the others in the given order (as stored in run.json by earlier versions).
-    conds = tuple(dict.fromkeys(("only", *options.check_conditions(conditions))))
-    method, weights = options.check_method(method), options.check_weights(weights)
+    # One options object checks them all, by the rules strace applies ("only" first, then the other
+    # conditions in the given order, as run.json has stored them since 0.1).
+    o = options.TraceOptions(sizes=sizes, method=method, taus=taus, weights=weights, conditions=conditions,
+                             seed=seed, top_k=top_k, batch_size=batch_size, memory_budget=memory_budget,
+                             prepend_bos=prepend_bos, ablate_attention=ablate_attention)
+    conds, method, weights, seed, top_k, taus = o.conditions, o.method, o.weights, o.seed, o.top_k, o.taus
+    batch_size, memory_budget, ablate_attention, prepend_bos = o.batch_size, o.memory_budget, o.ablate_attention, o.prepend_bos
+    sizes_l = None if o.sizes is None else list(o.sizes)
     limit = options.check_int("limit", limit, minimum=0, optional=True)
-    seed, top_k = options.check_seed(seed), options.check_top_k(top_k)
-    batch_size, memory_budget = options.check_batch_size(batch_size), options.check_memory_budget(memory_budget)
-    ablate_attention = options.check_bool("ablate_attention", ablate_attention)
-    prepend_bos = options.check_optional_bool("prepend_bos", prepend_bos)
     progress = options.check_bool("progress", progress)
-    checked_sizes = options.check_sizes(sizes)
-    sizes_l = None if checked_sizes is None else list(checked_sizes)
-    if method == "strace" and taus is not None:
-        raise InputError("taus apply to method='threshold' or 'nucleus'; s-Trace takes sizes.")
-    if method != "strace" and sizes is not None:
-        raise InputError(f"method={method!r} builds strata from taus; pass taus=..., not sizes.")
-    taus = options.check_taus(taus)
     rec_sizes = [] if record_sizes is None else list(options.check_fractions("record_sizes", record_sizes,
                                                                              example="[1e-3, 0.01, 0.1, 0.4]"))
     if method == "strace" and sizes_l is None and granularity == "token":
@@ -1044,7 +1040,7 @@ def run_corpus(
         if ablation == "mean":
             trace_kw["means"] = _means(model, passages_all, out / "means.safetensors", dist)
         if dist.rank == 0 and passages_all.issues and progress:
-            print(passages_all.report(), file=sys.stderr)
+            logger.warning("%s", passages_all.report())
         schema = _Schema.of(stored if stored is not None else {"config": config, "n_passages": len(passages_all),
                                                                "checksums": "sha256"})
 
@@ -1057,7 +1053,7 @@ def run_corpus(
                 _, note = _read_shard(shard, repair=True, schema=schema)
                 repaired = (note,) if note else ()
                 if note and progress:
-                    print(f"tl-strace: {note}", file=sys.stderr)
+                    logger.warning("tl-strace: %s", note)
             except (StraceError, OSError) as e:
                 exc = e
             _sync(dist, exc)  # every rank has repaired its own shard (or all stop)

@@ -37,6 +37,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_strace.checks import check_optional_bool, check_target
 from tl_strace.errors import DecompositionError, InputError, UnsupportedModelError
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "ModelSpec",
     "PostNorm",
     "attention_without_heads",
+    "clean_patterns",
     "clean_run",
     "check_full_graph",
     "describe_model",
@@ -593,8 +595,6 @@ def prepare_tokens(model: Any, spec: ModelSpec, inp: Any, *,
     else (bytes, ragged or string lists, complex or float ids, tensors on the meta device) is an
     :class:`InputError` here, before any forward pass.
     """
-    from tl_strace.options import check_optional_bool  # below this module in the data flow (see target_token)
-
     prepend_bos = check_optional_bool("prepend_bos", prepend_bos)
     if isinstance(inp, (bytes, bytearray, memoryview)):
         raise InputError(f"The input is {type(inp).__name__}, not text; decode it first, e.g. "
@@ -694,11 +694,7 @@ def _as_token_tensor(inp: Any) -> Tensor:
 def target_token(model: Any, spec: ModelSpec, target: Any) -> int | None:
     """The true next token as an id: given as an id, or as text whose first token is used
     (tokenized without BOS, so ``" Paris"`` keeps its leading space). A one-element integer tensor
-    is an id; floats, bools and longer tensors are refused (:func:`tl_strace.options.check_target`)."""
-    # options sits below this module in the data flow (it reads the search/ablation registries,
-    # which import this module), hence the import here rather than at the top.
-    from tl_strace.options import check_target
-
+    is an id; floats, bools and longer tensors are refused (:func:`tl_strace.checks.check_target`)."""
     target = check_target(target)
     if target is None:
         return None
@@ -1106,3 +1102,24 @@ def _per_kv_head(v: Float[Tensor, "layer pos v_head d_head"], spec: ModelSpec) -
         "are laid out differently (e.g. multi-head latent attention), so tl_strace cannot tell which head "
         "each value belongs to and refuses the model."
     )
+
+
+def clean_patterns(model: Any, tokens: Int[Tensor, "pos"], *, n_layers: int, n_heads: int,
+                   name: str | None = None) -> Float[Tensor, "layer head pos pos_src"]:
+    """The clean attention patterns of ``tokens``, by one forward pass, on CPU.
+
+    For views of a result traced earlier: the model must have the result's architecture
+    (``n_layers`` × ``n_heads`` and, when given, its name) and be ready (no foreign hooks), checked
+    before the forward pass; the call holds the model's lock like every tl_strace call
+    (:func:`exclusive`). Views never run the model themselves: a caller computes the patterns here
+    (``StraceResult.clean_patterns(model)``) and passes them.
+    """
+    with exclusive(model):
+        spec = describe_model(model)
+        if (spec.n_layers, spec.n_heads) != (int(n_layers), int(n_heads)) or (name is not None and spec.name != name):
+            raise InputError(f"This result was traced on {name!r} ({n_layers} layers × {n_heads} heads) "
+                             f"but the model given is {spec.name!r} ({spec.n_layers} × {spec.n_heads}); "
+                             "pass the model the result was traced with.")
+        require_ready(model)
+        run = clean_run(model, spec, tokens.to(_model_device(model)))
+    return run.pattern.cpu()

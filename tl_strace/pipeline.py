@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from tl_strace._version import __version__
-from tl_strace.ablation import CONDITIONS, MaskRow, check_conditions, masked_logprobs, verify_attention_masking
+from tl_strace.ablation import CONDITIONS, MaskRow, masked_logprobs, verify_attention_masking
 from tl_strace import options
 from tl_strace.errors import InputError
 from tl_strace.graph import EdgeLayout, Graph, check_decomposition, node_vectors
@@ -37,30 +37,6 @@ from tl_strace.search import STRATIFICATIONS, Strata, random_strata
 from tl_strace.weights import compute_weights
 
 __all__ = ["CONDITIONS", "check_model", "strace"]
-
-
-def _check_options(method: Any, weights: Any, conditions: Any, sizes: Any, taus: Any, top_k: Any, seed: Any,
-                   batch_size: Any, memory_budget: Any, prepend_bos: Any, ablate_attention: Any) -> tuple[Any, ...]:
-    """Every option of :func:`strace` checked (:mod:`tl_strace.options`) before any work, in canonical form:
-    ``(conditions, sizes, taus, top_k, seed, batch_size, memory_budget, prepend_bos, ablate_attention)``.
-
-    Iterables are read once here (``sizes``/``taus`` come back as tuples), ``memory_budget`` may be
-    text such as ``"1GiB"`` (returned in bytes), and NumPy/torch integer scalars become ``int``.
-    """
-    method = options.check_method(method)
-    options.check_weights(weights)
-    conds = check_conditions(options.check_conditions(conditions))
-    if method == "strace":
-        if taus is not None:
-            raise InputError("taus apply to method='threshold' or 'nucleus'; s-Trace takes sizes.")
-        sizes = options.check_sizes(sizes)  # the rules of tl_strace.search.check_sizes, read once
-    elif sizes is not None:
-        raise InputError(f"method={method!r} builds strata from taus (weight thresholds); pass taus=..., not sizes.")
-    else:
-        taus = options.check_taus(taus)
-    return (conds, sizes, taus, options.check_top_k(top_k), options.check_seed(seed),
-            options.check_batch_size(batch_size), options.check_memory_budget(memory_budget),
-            options.check_optional_bool("prepend_bos", prepend_bos), options.check_bool("ablate_attention", ablate_attention))
 
 
 def _reaches_input(strata: Strata, layout: EdgeLayout) -> Tensor:
@@ -168,8 +144,13 @@ def strace(
     """
     t0 = time.perf_counter()
     spec = describe_model(model)
-    conds, sizes, taus, top_k, seed, batch_size, memory_budget, prepend_bos, ablate_attention = _check_options(
-        method, weights, conditions, sizes, taus, top_k, seed, batch_size, memory_budget, prepend_bos, ablate_attention)
+    opts = options.TraceOptions(sizes=sizes, method=method, taus=taus, weights=weights, conditions=conditions,
+                                seed=seed, top_k=top_k, batch_size=batch_size, memory_budget=memory_budget,
+                                prepend_bos=prepend_bos, ablate_attention=ablate_attention)  # every check, before any work
+    conds, sizes, taus, top_k, seed = opts.conditions, opts.sizes, opts.taus, opts.top_k, opts.seed
+    batch_size, memory_budget, prepend_bos, ablate_attention = (opts.batch_size, opts.memory_budget, opts.prepend_bos,
+                                                                opts.ablate_attention)
+    method, weights = opts.method, opts.weights
     require_ready(model)
     tokens = prepare_tokens(model, spec, input, prepend_bos=prepend_bos)
     tgt = target_token(model, spec, target)

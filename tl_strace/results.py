@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from types import SimpleNamespace
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ from tl_strace.density import (
     recovery_sizes,
     size_at_tolerance,
 )
-from tl_strace.errors import InputError, ResultsError
+from tl_strace.errors import InputError, ResultsError, StraceError
 from tl_strace.graph import EDGE_TYPE_NAMES, EdgeLayout
 from tl_strace.search import NOT_IN_ANY, check_sizes, target_counts
 from tl_strace.store import SchemaViolation, as_path, read_tensors, schema_checked, write_tensors
@@ -646,31 +647,56 @@ class StraceResult:
                 f"edges={self.n_edges}, method={self.config.get('method')!r}, strata={len(self.sizes)}, "
                 f"density={self.density:.4f}, full_top={self.full_top_strs[0]!r})")
 
-    # ---------------------------------------------------------------- views (tl_strace.views reads results;
-    # imported lazily so results never depends on views at import time)
+    # ---------------------------------------------------------------- views
+    # tl_strace.views registers its renderers on import (register_view), so results never imports
+    # views: the data flows one way. The package's __init__ imports views, so they are always there.
+    def clean_patterns(self, model: Any) -> Float[Tensor, "layer head pos pos_src"]:
+        """The clean attention patterns of this result's input on ``model`` (one forward pass), for
+        the views that draw attention; ``model`` must be the one the result was traced with."""
+        from tl_strace.model import clean_patterns
+
+        return clean_patterns(model, self.tokens, n_layers=int(self.model["n_layers"]),
+                              n_heads=int(self.model["n_heads"]), name=self.model.get("name"))
+
     def _repr_html_(self) -> str:
         """Jupyter display: summary, TV and shared-nucleus curves (with baselines) and the
         interactive circuit view; self-contained, no network (see :func:`tl_strace.views.circuit_view`)."""
-        from tl_strace.views import circuit_view
-
-        return circuit_view(self).html
+        return _view("html")(self)
 
     def save_html(self, path: str | os.PathLike, *, model: Any = None, **kwargs: Any) -> str:
         """Write a standalone HTML report (curves, circuit, table, composition, circuitsvis details);
         with ``model``, also the attention patterns restricted to the trace. Keywords as
         :func:`tl_strace.views.report_html`. Returns the path."""
-        from tl_strace.views import save_report
+        patterns = None if model is None else self.clean_patterns(model)
+        return _view("report")(self, path, patterns=patterns, **kwargs)
 
-        return save_report(self, path, model=model, **kwargs)
+    def detail_views(self, s: float | None = None, *, model: Any = None, **kwargs: Any) -> Any:
+        """The circuitsvis detail views (:func:`tl_strace.views.detail_views`); with ``model``, also
+        the attention patterns of the heads the subgraph at ``s`` uses."""
+        patterns = None if model is None else self.clean_patterns(model)
+        return _view("details")(self, s, patterns=patterns, **kwargs)
 
     def plot(self, metric: str = "tv", *, ax: Any = None) -> Any:
         """A matplotlib figure of ``metric`` against log s with the baselines and paper B's phases shaded."""
-        from tl_strace.views import plot_curves
-
-        return plot_curves(self, metric, ax=ax)
+        return _view("plot")(self, metric, ax=ax)
 
     def plot_shares(self) -> Any:
         """A matplotlib figure of the shares of attention/MLP/residual edges and of 4 layer groups vs s."""
-        from tl_strace.views import plot_shares
+        return _view("plot_shares")(self)
 
-        return plot_shares(self)
+
+#: Renderers by name, registered by :mod:`tl_strace.views` on import (see :func:`register_view`).
+_VIEWS: dict[str, Callable[..., Any]] = {}
+
+
+def register_view(name: str, render: Callable[..., Any]) -> None:
+    """Make ``render`` the renderer behind a result's display method ``name`` (``"html"``,
+    ``"report"``, ``"details"``, ``"plot"``, ``"plot_shares"``); a views package plugs in here."""
+    _VIEWS[name] = render
+
+
+def _view(name: str) -> Callable[..., Any]:
+    try:
+        return _VIEWS[name]
+    except KeyError:
+        raise StraceError(f"No view {name!r} is registered; import tl_strace.views (import tl_strace does).") from None

@@ -31,6 +31,7 @@ from fractions import Fraction
 
 import numpy as np
 import torch
+from einops import rearrange
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
@@ -145,8 +146,10 @@ def _rows(layout: EdgeLayout, weights: Tensor) -> tuple[Tensor, ...]:
     lidx = torch.arange(L)[:, None]
     tidx = torch.arange(T)[None, :]
     ids_ra = layout.offset(EdgeType.RES_ATTN) + lidx * T + tidx  # [L, T]
-    ids_a = torch.arange(layout.n_attn).reshape(L, H, T, T).permute(0, 2, 1, 3).reshape(L, T, H * T)
-    W_att = torch.cat([w_ra[..., None], w_a.permute(0, 2, 1, 3).reshape(L, T, H * T)], dim=-1)
+    # each destination node (l, t) lists its attention in-edges head-major: column h·T + s
+    by_node = "layer head dst src -> layer dst (head src)"
+    ids_a = rearrange(torch.arange(layout.n_attn).reshape(L, H, T, T), by_node)
+    W_att = torch.cat([w_ra[..., None], rearrange(w_a, by_node)], dim=-1)
     I_att = torch.cat([ids_ra[..., None], ids_a], dim=-1)
     s_src = torch.arange(T).repeat(H)  # source position per attention column
     S_att = torch.cat([(2 * lidx * T + tidx)[..., None], (2 * lidx * T)[..., None] + s_src[None, None, :].expand(L, T, H * T)], dim=-1)

@@ -37,26 +37,15 @@ def _digest(t: Any) -> str:
     return hashlib.sha256(np.ascontiguousarray(t.numpy().astype(np.int64)).tobytes()).hexdigest()
 
 
+def _summary(res: Any) -> dict[str, Any]:
+    return {"labels_sha256": _digest(res.labels), "counts": res.counts.tolist(), "conditions": list(res.conditions),
+            "tv": res.tv_all.tolist(), "density": float(res.density)}
+
+
 def _measure(model: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for p in load_passages("austen-20")[:3]:
-        res = ts.strace(model, p.text)
-        out[f"token/{p.id}"] = {
-            "labels_sha256": _digest(res.labels),
-            "counts": res.counts.tolist(),
-            "conditions": list(res.conditions),
-            "tv": res.tv_all.tolist(),
-            "density": float(res.density),
-        }
-    p = load_passages("austen-20")[0]
-    comp = ts.component_strace(model, p.text)
-    out[f"component/{p.id}"] = {
-        "labels_sha256": _digest(comp.labels),
-        "counts": comp.counts.tolist(),
-        "conditions": list(comp.conditions),
-        "tv": comp.tv_all.tolist(),
-        "density": float(comp.density),
-    }
+    passages = load_passages("austen-20")[:3]
+    out = {f"token/{p.id}": _summary(ts.strace(model, p.text)) for p in passages}
+    out[f"component/{passages[0].id}"] = _summary(ts.component_strace(model, passages[0].text))
     return out
 
 

@@ -116,8 +116,8 @@ def test_circuit_view_escapes_every_token(synth):
     assert json.loads(data)["tokens"] == SYNTH_TOKENS
     assert "\u2028" not in data and "\u2029" not in data  # JS line terminators (fine in HTML text)
     # Our script writes text with textContent only.
-    from tl_strace.views._circuit_js import CIRCUIT_JS
-    assert "innerHTML" not in CIRCUIT_JS and "insertAdjacentHTML" not in CIRCUIT_JS
+    from tl_strace.views._assets import circuit_js
+    assert "innerHTML" not in circuit_js() and "insertAdjacentHTML" not in circuit_js()
 
 
 def test_report_and_details_escape_tokens(synth):
@@ -352,28 +352,27 @@ def tiny_res(gpt2_model):
 
 
 def test_attention_patterns_are_restricted_to_kept_edges(gpt2_model, tiny_res):
-    from tl_strace.views.detail import model_patterns
-
-    pattern = model_patterns(gpt2_model, tiny_res)
+    pattern = tiny_res.clean_patterns(gpt2_model)
     k = 1
     kept = restricted_patterns(tiny_res, pattern, float(tiny_res.sizes[k]))
     a_lab = tiny_res.layout.split(tiny_res.labels)[0]
     assert (kept[a_lab > k] == 0).all()
     torch.testing.assert_close(kept[a_lab <= k], pattern[a_lab <= k])
-    fig = attention_patterns(gpt2_model, tiny_res, float(tiny_res.sizes[k]), max_heads=3)
+    fig = attention_patterns(tiny_res, pattern, float(tiny_res.sizes[k]), max_heads=3)
     assert fig.component == "AttentionHeads"
     assert 1 <= len(fig.props["attention"]) <= 3
     assert len(fig.props["attention"][0]) == len(tiny_res.str_tokens)
-    html = detail_views(tiny_res, model=gpt2_model).html
+    html = tiny_res.detail_views(model=gpt2_model).html
     assert html.count("var CircuitsVis") == 1 and "AttentionHeads" in html
+    assert html == detail_views(tiny_res, patterns=pattern).html  # the method only computes the patterns
 
 
 def test_attention_patterns_refuse_another_model(gpt2_model, tiny_res):
     other = dataclasses.replace(tiny_res, model={**tiny_res.model, "n_heads": 7})
     with pytest.raises(InputError, match="traced with"):
-        attention_patterns(gpt2_model, other)
+        other.clean_patterns(gpt2_model)
     with pytest.raises(InputError, match="max_heads"):
-        attention_patterns(gpt2_model, tiny_res, max_heads=0)
+        attention_patterns(tiny_res, tiny_res.clean_patterns(gpt2_model), max_heads=0)
 
 
 def test_cli_trace_writes_html(gpt2_model, tmp_path, monkeypatch, capsys):

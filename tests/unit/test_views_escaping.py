@@ -128,7 +128,7 @@ def test_attention_figure_without_attention_edges_is_a_sentence(gpt2_model):
     res = ts.strace(gpt2_model, TOKS, sizes=[1e-3, 1e-2, 0.5], conditions=["only"])
     s = _zero_attention_stratum(res)
     L, H, T = res.layout.n_layers, res.layout.n_heads, res.layout.n_pos
-    fig = attention_patterns(None, res, s, pattern=torch.rand(L, H, T, T))
+    fig = attention_patterns(res, torch.rand(L, H, T, T), s)
     html = fig._repr_html_()
     assert f"No attention edges at s = {s:g}; choose a larger s" in html
     assert fig.empty
@@ -138,9 +138,9 @@ def test_attention_figure_without_attention_edges_is_a_sentence(gpt2_model):
     parser.close()
     assert parser.ok and parser.stack == []
     # on the detail page the other figures still render (and the bundle is there for them)
-    page = detail_views(res, model=gpt2_model, s=s).html
+    page = res.detail_views(s, model=gpt2_model).html
     assert "No attention edges at s =" in page and "CircuitsVis.AttentionHeads" not in page
     assert "CircuitsVis.ColoredTokensMulti" in page and "CircuitsVis.TopkTokens" in page
     # a stratum with attention edges is still drawn
-    drawn = attention_patterns(None, res, 1.0, pattern=torch.rand(L, H, T, T))
+    drawn = attention_patterns(res, torch.rand(L, H, T, T), 1.0)
     assert not drawn.empty and "CircuitsVis.AttentionHeads" in figures_html([drawn], bundle=False)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from tl_strace.results import StraceResult
-from tl_strace.views._circuit_js import CIRCUIT_CSS, CIRCUIT_JS
+from tl_strace.views._assets import circuit_css, circuit_js
 from tl_strace.views._data import component_stats, is_token_level, stratum_index, token_edges
 from tl_strace.views._html import HTMLView, content_id, esc, round_sig, script_json
 from tl_strace.views.curves import curves_svg
@@ -151,12 +151,12 @@ def circuit_view(res: StraceResult, *, s: float | None = None, max_edges: int = 
                 f"{esc(res.config.get('granularity'))}): the circuit view draws token-level traces. See "
                 "<code>tl_strace.components.component_table(res)</code>.</p>")
         vid = content_id("tls", body)
-        return HTMLView(f'<div class="tls-view tls-static" id="{vid}"><style>{CIRCUIT_CSS}</style>{body}{note}</div>',
+        return HTMLView(f'<div class="tls-view tls-static" id="{vid}"><style>{circuit_css()}</style>{body}{note}</div>',
                         title=f"tl_strace: {res.model.get('name', '')}")
     data = script_json(circuit_data(res, s=s, max_edges=max_edges, per_head=per_head))
     vid = content_id("tls", data)
     K = int(res.sizes.numel())
-    parts = [f'<div class="tls-view" id="{vid}" data-tls-circuit="{DATA_VERSION}">', f"<style>{CIRCUIT_CSS}</style>", summary_html(res)]
+    parts = [f'<div class="tls-view" id="{vid}" data-tls-circuit="{DATA_VERSION}">', f"<style>{circuit_css()}</style>", summary_html(res)]
     if curves:
         parts.append(curves_svg(res))
     parts.append(
@@ -175,5 +175,5 @@ def circuit_view(res: StraceResult, *, s: float | None = None, max_edges: int = 
         '<div class="tls-tip"></div>'
     )
     parts.append(f'<script type="application/json" class="tls-data">{data}</script>')
-    parts.append(f"<script>{CIRCUIT_JS}</script></div>")
+    parts.append(f"<script>{circuit_js()}</script></div>")
     return HTMLView("".join(parts), title=f"tl_strace: {res.model.get('name', '')}")

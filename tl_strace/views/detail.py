@@ -1,8 +1,8 @@
 """circuitsvis detail views of a trace, rendered offline with the circuitsvis bundle inlined once per page.
 
 * :func:`attention_patterns` — the attention patterns of the heads a subgraph uses, restricted to the
-  kept edges (every attention weight the subgraph removes is drawn as 0). Needs the model: patterns are
-  recomputed with one cached forward pass (:func:`tl_strace.model.clean_run`).
+  kept edges (every attention weight the subgraph removes is drawn as 0). Needs the clean patterns,
+  which a caller computes (``res.clean_patterns(model)``, one forward pass): views never run the model.
 * :func:`colored_tokens` — each input token's contribution to the output (its share of the *flow*,
   see :mod:`tl_strace.views._data`), one colouring per size; needs the result only.
 * :func:`topk_tokens` — the full model's and the subgraph's top tokens, per size and condition.
@@ -12,7 +12,7 @@ circuitsvis's own ``RenderedHTML`` reads the bundle from disk on every call, inl
 figure, probes google.com on every display, and places props in a ``<script>`` unescaped. Here the
 bundle is read once per process, included once per page, and props are script-safe JSON.
 
->>> figs = detail_views(res, model=model, s=1e-2)   # doctest: +SKIP
+>>> figs = res.detail_views(1e-2, model=model)      # or detail_views(res, 1e-2, patterns=res.clean_patterns(model))  # doctest: +SKIP
 >>> figs                                            # in Jupyter: three circuitsvis figures  # doctest: +SKIP
 >>> figs.save("details.html")                       # doctest: +SKIP
 """
@@ -116,31 +116,6 @@ def figures_html(figures: list[CircuitsvisFigure], *, bundle: bool = True) -> st
     return "\n".join(parts)
 
 
-def _check_model(model: Any, res: StraceResult) -> Any:
-    """The model's spec, checked against the result (same architecture), before any forward pass."""
-    from tl_strace.model import describe_model, require_ready
-
-    spec = describe_model(model)
-    want = (int(res.model["n_layers"]), int(res.model["n_heads"]))
-    if (spec.n_layers, spec.n_heads) != want or spec.name != res.model.get("name", spec.name):
-        raise InputError(f"This result was traced on {res.model.get('name')!r} ({want[0]} layers × {want[1]} heads) "
-                         f"but the model given is {spec.name!r} ({spec.n_layers} × {spec.n_heads}); "
-                         "pass the model the result was traced with.")
-    require_ready(model)
-    return spec
-
-
-def model_patterns(model: Any, res: StraceResult) -> Float[Tensor, "layer head pos pos_src"]:
-    """The clean attention patterns of ``res``'s input, recomputed with one forward pass."""
-    from tl_strace.model import clean_run, exclusive
-
-    with exclusive(model):  # one call at a time per model, checks included (tl_strace.model.exclusive)
-        spec = _check_model(model, res)
-        device = next(iter(model.parameters())).device
-        run = clean_run(model, spec, res.tokens.to(device))
-    return run.pattern.cpu()
-
-
 def restricted_patterns(res: StraceResult, pattern: Float[Tensor, "layer head pos pos_src"],
                         s: float | None = None) -> Float[Tensor, "layer head pos pos_src"]:
     """``pattern`` with every attention edge outside the stratum nearest ``s`` set to 0, as the
@@ -154,22 +129,21 @@ def restricted_patterns(res: StraceResult, pattern: Float[Tensor, "layer head po
     return pattern * (a_lab <= k).to(pattern.dtype)
 
 
-def attention_patterns(model: Any, res: StraceResult, s: float | None = None, *, max_heads: int = 12,
-                       pattern: Float[Tensor, "layer head pos pos_src"] | None = None) -> CircuitsvisFigure:
+def attention_patterns(res: StraceResult, patterns: Float[Tensor, "layer head pos pos_src"], s: float | None = None, *,
+                       max_heads: int = 12) -> CircuitsvisFigure:
     """circuitsvis attention patterns (its ``AttentionHeads`` component) of the heads the subgraph at size ``s`` relies on most
     (largest summed kept edge weight), each restricted to its kept edges.
 
     Args:
-        model: the model ``res`` was traced with (patterns are recomputed, not stored in results).
         res: the result.
+        patterns: the clean attention patterns ``[layer, head, pos, pos]`` of ``res``'s input, from
+            ``res.clean_patterns(model)`` (views never run the model; results do not store them).
         s: the size (nearest stratum on a log axis); default: the stratum the circuit view opens on.
         max_heads: how many heads to show at most.
-        pattern: precomputed clean patterns ``[layer, head, pos, pos]`` (skips the forward pass).
     """
     if max_heads < 1:
         raise InputError(f"max_heads must be at least 1; got {max_heads}.")
-    if pattern is None:
-        pattern = model_patterns(model, res)
+    pattern = patterns
     k = stratum_index(res, s)
     st = component_stats(res)
     L, H = st.n_layers, st.n_heads
@@ -287,14 +261,15 @@ def topk_tokens(res: StraceResult) -> CircuitsvisFigure:
              "Values are next-token probabilities.")
 
 
-def detail_views(res: StraceResult, model: Any = None, s: float | None = None, *,
-                 max_heads: int = 12) -> HTMLView:
+def detail_views(res: StraceResult, s: float | None = None, *,
+                 patterns: Float[Tensor, "layer head pos pos_src"] | None = None, max_heads: int = 12) -> HTMLView:
     """All detail views on one fragment, the circuitsvis bundle included once: attention patterns
-    (only when ``model`` is given), token contributions, and top tokens."""
+    (only when ``patterns`` is given: ``res.clean_patterns(model)``, or call
+    ``res.detail_views(s, model=model)``), token contributions, and top tokens."""
     figs = []
     if is_token_level(res):  # component-level results have no token-level edges to restrict or flow through
-        if model is not None:
-            figs.append(attention_patterns(model, res, s, max_heads=max_heads))
+        if patterns is not None:
+            figs.append(attention_patterns(res, patterns, s, max_heads=max_heads))
         figs.append(colored_tokens(res))
     figs.append(topk_tokens(res))
     return HTMLView(figures_html(figs), title=f"tl_strace details: {res.model.get('name', '')}")

@@ -4,7 +4,7 @@ plots and the circuitsvis detail views — one HTML file with no network access.
 ``StraceResult.save_html(path)`` and ``tl-strace trace --html PATH`` write it.
 
 The page is deterministic for a given result (and matplotlib version): ids derive from content, the
-inline SVG has a fixed hash salt and no date. Besides the collector of :mod:`tl_strace.views._page`,
+inline SVG has a fixed hash salt and no date. Besides the collector of :func:`tl_strace.views._html.page`,
 a few lines record where the main panels were drawn (``data-tls-layout`` on ``<body>``) once the
 page has loaded, which lets a headless browser check the rendering without guessing coordinates.
 """
@@ -17,8 +17,9 @@ from typing import Any
 
 from tl_strace.results import StraceResult
 from tl_strace.views._data import is_token_level
-from tl_strace.views._html import esc
-from tl_strace.views._page import page
+from torch import Tensor
+
+from tl_strace.views._html import esc, page
 from tl_strace.views.circuit import circuit_view
 
 __all__ = ["report_html", "save_report", "strata_table_html"]
@@ -69,13 +70,15 @@ def strata_table_html(res: StraceResult) -> str:
     return f'{style}<table class="tls-table">{head}{"".join(rows)}</table>'
 
 
-def report_html(res: StraceResult, *, model: Any = None, s: float | None = None, details: bool = True,
+def report_html(res: StraceResult, *, patterns: Tensor | None = None, s: float | None = None, details: bool = True,
                 plots: bool = True, max_edges: int = 2000, per_head: int = 12) -> str:
     """The whole report page as a string.
 
     Args:
         res: the result.
-        model: the model ``res`` was traced with; adds the attention patterns restricted to the trace.
+        patterns: the clean attention patterns ``[layer, head, pos, pos]`` of ``res``'s input
+            (``res.clean_patterns(model)``); adds the attention patterns restricted to the trace.
+            Views never run the model: ``res.save_html(path, model=model)`` computes them.
         s: the size the circuit view and the attention patterns open on (default: the first stratum
             recovering the top token).
         details: include the circuitsvis detail views (their 1.3 MB bundle, once).
@@ -100,11 +103,11 @@ def report_html(res: StraceResult, *, model: Any = None, s: float | None = None,
         from tl_strace.views.detail import detail_views
 
         nav.append('<a href="#tls-details">circuitsvis details</a>')
-        note = "" if model is not None else (
+        note = "" if patterns is not None else (
             '<p class="tls-note">Attention patterns need the model: '
             "<code>res.save_html(path, model=model)</code>.</p>")
         sections.append(f'<h2 id="tls-details">Details (circuitsvis)</h2>{note}'
-                        f"{detail_views(res, model=model, s=s).html}")
+                        f"{detail_views(res, s, patterns=patterns).html}")
     body.append('<p class="tls-note">' + " · ".join(nav) + "</p>")
     body += sections
     cfg = ", ".join(f"{esc(k)}={esc(v)}" for k, v in res.config.items())

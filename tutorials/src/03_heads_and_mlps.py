@@ -117,12 +117,13 @@ pd.DataFrame({"zero": zero.tv.numpy(), "mean": mean.tv.numpy()},
 # ## 5. Looking at the heads of the sparse core
 #
 # The circuitsvis views render offline. `attention_patterns` shows the attention of the heads in a
-# token-level subgraph, restricted to the edges the trace keeps.
+# token-level subgraph, restricted to the edges the trace keeps. Views never run the model: the
+# clean attention patterns come from `res.clean_patterns(model)` (one forward pass) and are passed in.
 
 # %%
 from tl_strace.views import attention_patterns
 
-attention_patterns(model, res, 1e-2)
+attention_patterns(res, res.clean_patterns(model), 1e-2)
 
 # %% [markdown]
 # **Next:** tutorial 4 runs density over a corpus and reproduces the papers' analyses.

@@ -1,38 +1,4 @@
-"""The circuit view's stylesheet and script, kept as Python strings so the wheel needs no package data.
 
-The script is plain ES2015 with no dependency. It initialises every ``.tls-view`` element on the page
-that is not yet initialised (so a notebook can show many views, and showing one twice is harmless),
-reads its data from the ``<script type="application/json" class="tls-data">`` child, and writes
-every piece of text with ``textContent`` / ``setAttribute``, never ``innerHTML``.
-"""
-
-from __future__ import annotations
-
-__all__ = ["CIRCUIT_CSS", "CIRCUIT_JS"]
-
-CIRCUIT_CSS = """
-.tls-view{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#111827;position:relative;
-  max-width:1240px;font-size:12px;line-height:1.35}
-.tls-view .tls-hd{margin:2px 0 4px}
-.tls-view .tls-hd b{font-weight:600}
-.tls-view .tls-text{margin:2px 0 6px;color:#374151;font-family:ui-monospace,Menlo,Consolas,monospace;
-  font-size:11px;white-space:pre-wrap;word-break:break-word;max-height:4.2em;overflow:auto}
-.tls-view .tls-text .tls-last{background:#ede9fe;border-radius:2px}
-.tls-view .tls-ctl{margin:4px 0;display:flex;gap:14px;align-items:center;flex-wrap:wrap}
-.tls-view .tls-slider{width:320px;vertical-align:middle}
-.tls-view .tls-sl{font-variant-numeric:tabular-nums;color:#111827}
-.tls-view .tls-panels{display:flex;gap:18px;flex-wrap:wrap;align-items:flex-start}
-.tls-view .tls-pt{font-weight:600;margin:4px 0 2px}
-.tls-view .tls-note{color:#4b5563;font-size:11px;max-width:780px}
-.tls-view .tls-tip{position:absolute;pointer-events:none;background:#111827;color:#f9fafb;padding:4px 6px;
-  border-radius:3px;font-size:11px;white-space:pre;display:none;z-index:10}
-.tls-view svg text{font-family:system-ui,-apple-system,sans-serif}
-.tls-view .tls-lab{font-size:9px;fill:#374151}
-.tls-view .tls-tok{font-size:9px;fill:#374151}
-.tls-view [data-tip]{cursor:pointer}
-"""
-
-CIRCUIT_JS = r"""
 (function () {
   "use strict";
   var NS = "http://www.w3.org/2000/svg";
@@ -396,4 +362,3 @@ CIRCUIT_JS = r"""
     }
   }
 })();
-"""
