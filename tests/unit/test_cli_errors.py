@@ -19,6 +19,7 @@ import pytest
 
 import tl_strace
 import tl_strace.corpus as corpus
+import tl_strace.corpus.run as corpus_run
 from tests.unit.test_corpus import save_tiny_model, word_passages
 from tl_strace.cli import main
 from tl_strace.io.datasets import write_passages
@@ -45,7 +46,7 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("the model was loaded before the output path was checked")
 
     monkeypatch.setattr(tl_strace, "load_model", boom)
-    monkeypatch.setattr(corpus, "load_model", boom)
+    monkeypatch.setattr(corpus_run, "load_model", boom)  # where the runner looks it up
 
 
 def _one_line_error(capsys: pytest.CaptureFixture, *needles: str) -> str:

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import tl_strace.corpus as corpus
+import tl_strace.corpus.run as corpus_run
 import tl_strace.memory as memory
 from tests.unit.test_corpus import canon, save_tiny_model, word_passages
 from tl_strace.corpus import load_run, run_corpus
@@ -301,7 +302,7 @@ def test_a_full_disk_mid_run_is_one_line_and_the_run_resumes(model_dir: str, dat
         real(f, rec)
         written.append(1)
 
-    monkeypatch.setattr(corpus, "_append", append_then_fill)
+    monkeypatch.setattr(corpus_run, "_append", append_then_fill)  # where the runner looks it up
     out = tmp_path / "full"
     args = ["run", "--model", model_dir, "--data", str(data_file), "--out", str(out), "--quiet",
             "--sizes", *map(str, SIZES)]
@@ -310,7 +311,7 @@ def test_a_full_disk_mid_run_is_one_line_and_the_run_resumes(model_dir: str, dat
     assert len(lines) == 1 and lines[0].startswith("tl-strace: error:"), lines
     err = lines[0]
     assert "No space left" in err and "rerun" in err
-    monkeypatch.setattr(corpus, "_append", real)
+    monkeypatch.setattr(corpus_run, "_append", real)
     assert main(args) == 0
     ref = tmp_path / "ref"
     run_corpus(model_dir, data_file, ref, sizes=SIZES, progress=False)

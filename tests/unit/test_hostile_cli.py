@@ -26,6 +26,7 @@ import pytest
 
 import tl_strace
 import tl_strace.corpus as corpus
+import tl_strace.corpus.run as corpus_run
 import tl_strace.fsutil as fsutil
 import tl_strace.memory as memory
 from tests.unit.test_corpus import save_tiny_model, word_passages
@@ -74,7 +75,7 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("the model was loaded before the arguments were checked")
 
     monkeypatch.setattr(tl_strace, "load_model", boom)
-    monkeypatch.setattr(corpus, "load_model", boom)
+    monkeypatch.setattr(corpus_run, "load_model", boom)  # where the runner looks it up
 
 
 @pytest.fixture()

@@ -17,7 +17,9 @@ import pytest
 import torch
 
 import tl_strace as ts
-from tl_strace.analysis import _Doc, build_report, markdown_text
+from tl_strace.analysis import build_report
+from tl_strace.analysis.report import markdown_text
+from tl_strace.analysis.report import _Doc
 from tl_strace.corpus import load_run, run_corpus
 from tl_strace.io.datasets import Passage, write_passages
 from tl_strace.views.detail import attention_patterns, detail_views, figures_html

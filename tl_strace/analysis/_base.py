@@ -1,0 +1,91 @@
+"""The runs an analysis reads (a run or its directory), their names, and paper B's constants."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tl_strace.corpus import CorpusRun, load_run
+from tl_strace.errors import InputError
+
+
+BOUNDARY = 1e-2
+
+
+MINIMAL_CORE = 1e-3
+
+
+SHARE_COLUMNS = ("share_attn", "share_mlp", "share_residual")
+
+
+LAYER_COLUMNS = ("share_layers_0", "share_layers_1", "share_layers_2", "share_layers_3")
+
+
+RunLike = CorpusRun | str | os.PathLike
+
+
+def _run(r: RunLike) -> CorpusRun:
+    return r if isinstance(r, CorpusRun) else load_run(r)
+
+
+def _runs(rs: RunLike | Sequence[RunLike]) -> list[CorpusRun]:
+    if isinstance(rs, (CorpusRun, str, os.PathLike)):
+        return [_run(rs)]
+    return [_run(r) for r in rs]
+
+
+def _need(run: CorpusRun, *cols: str) -> None:
+    missing = [c for c in cols if c not in run.table]
+    if len(run.table) == 0:
+        raise InputError(f"{run.path} has no traced passages yet.")
+    if missing:
+        raise InputError(f"{run.path} lacks the column(s) {missing} (written by another runner version or method).")
+
+
+def _labels(runs: Sequence[CorpusRun]) -> list[str]:
+    """Run names, made unique by appending the directory name when two coincide."""
+    names = [r.name for r in runs]
+    return [f"{n} [{r.path.name}]" if names.count(n) > 1 else n for n, r in zip(names, runs)]
+
+
+def group_runs(runs: Sequence[CorpusRun]) -> dict[str, Any]:
+    """Which runs go together in a report: by model weights, context length and attention ablation.
+
+    Returns ``{"faithful": [...], "attention_pairs": [(faithful, kept)], "context_groups": [[...]],
+    "cross_model": [...]}``.
+    """
+    def key(r: CorpusRun) -> str:
+        return str(r.config.get("model", {}).get("weights_sha256"))
+
+    faithful = [r for r in runs if r.config.get("ablate_attention", True)]
+    kept = [r for r in runs if not r.config.get("ablate_attention", True)]
+    pairs = []
+    for k in kept:
+        for f in faithful:
+            if key(f) == key(k) and f.context_words == k.context_words and \
+                    set(f.table.get("id", [])) & set(k.table.get("id", [])):
+                pairs.append((f, k))
+                break
+    by_model: dict[str, list[CorpusRun]] = {}
+    for f in faithful:
+        by_model.setdefault(key(f), []).append(f)
+    ctx = []
+    for g in by_model.values():
+        one_per_length: dict[int, CorpusRun] = {}
+        for r in g:
+            if r.context_words is not None:
+                one_per_length.setdefault(r.context_words, r)
+        runs_ = list(one_per_length.values())
+        if len(runs_) > 1 and set.intersection(*(set(r.table["id"]) for r in runs_)):
+            ctx.append(runs_)
+    cross: list[CorpusRun] = []
+    if len(by_model) > 1:  # one run per model, the longest context
+        cross = [max(g, key=lambda r: r.context_words or 0) for g in by_model.values()]
+    return {"faithful": faithful, "attention_pairs": pairs, "context_groups": ctx, "cross_model": cross}
+
+
+def as_runs(items: Sequence[RunLike] | Mapping[str, RunLike]) -> list[CorpusRun]:
+    """Load run directories (or pass runs through)."""
+    vals = list(items.values()) if isinstance(items, Mapping) else list(items)
+    return [_run(v) for v in vals]
