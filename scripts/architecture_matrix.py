@@ -225,7 +225,7 @@ def build(arch: str, *, seed: int = 0) -> tuple[Any, str]:
 
 
 def _block_kind(bridge: Any) -> str:
-    from tl_strace import model as tm
+    from tl_strace.model import spec as tm
 
     try:
         kind = tm._block_kind(bridge, "bridge", arch_name(bridge))

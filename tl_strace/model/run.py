@@ -1,0 +1,185 @@
+"""The clean forward pass (:func:`clean_run`): exactly the activations the graph needs, in one cached run;
+and the clean attention patterns views draw (:func:`clean_patterns`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from jaxtyping import Float, Int
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tl_strace.errors import InputError, UnsupportedModelError
+from tl_strace.model.params import PostNorm, _post_norm, attention_output, final_norm_params
+from tl_strace.model.ready import exclusive, model_guard, require_ready, run_hooked
+from tl_strace.model.spec import ModelSpec, _per_kv_head, describe_model, hook_name
+from tl_strace.model.tokens import _model_device, model_dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# The clean run
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CleanRun:
+    """Activations of one clean forward pass, exactly what the graph of METHOD.md §1 is built from.
+
+    All float tensors are float32 copies (weights and metrics are computed in float32 whatever
+    the model's dtype). ``norm_w``/``norm_b``/``norm_centre`` plus ``final_scale`` define the
+    linearised final norm applied to the last block's edge vectors.
+    """
+
+    spec: ModelSpec
+    tokens: Int[Tensor, "pos"]
+    resid_pre: Float[Tensor, "layer pos d_model"]
+    attn_out: Float[Tensor, "layer pos d_model"]
+    mlp_out: Float[Tensor, "layer pos d_model"]
+    resid_post: Float[Tensor, "layer pos d_model"]
+    pattern: Float[Tensor, "layer head pos pos_src"]
+    v: Float[Tensor, "layer pos kv_head d_head"]
+    z: Float[Tensor, "layer pos head d_head"]
+    W_O: Float[Tensor, "layer head d_head d_model"]
+    b_O: Float[Tensor, "layer d_model"]
+    final_scale: Float[Tensor, ""]
+    final_out: Float[Tensor, "d_model"]
+    norm_w: Float[Tensor, "d_model"]
+    norm_b: Float[Tensor, "d_model"]
+    norm_centre: bool
+    logits: Float[Tensor, "vocab"]
+    attn_post: PostNorm | None = None
+    """The post-attention norm linearised at the clean run (sandwich / post-norm blocks), else None.
+    ``attn_out`` is then that norm's output (what the block adds to the stream) and
+    ``attn_post.inp`` the attention's own output ``Σ_h z_h @ W_O[h] + b_O``."""
+
+    @property
+    def resid_mid(self) -> Float[Tensor, "layer pos d_model"]:
+        """The stream between the sublayers, as the sum the method defines it to be."""
+        return self.resid_pre + self.attn_out
+
+    def attn_post_norm(self, u: Float[Tensor, "layer pos *rest d_model"]) -> Float[Tensor, "layer pos *rest d_model"]:
+        """What the block adds to the stream for an attention contribution ``u[l, t]`` (a head's
+        ``z_h @ W_O[h]``, one source's, ...): ``u`` through the post-attention norm linearised at
+        the clean run, its bias left out (a node constant, :attr:`attn_const`); ``u`` itself in
+        pre-norm blocks."""
+        return u if self.attn_post is None else self.attn_post.linear(u)
+
+    @property
+    def attn_const(self) -> Float[Tensor, "layer pos d_model"]:
+        """The constant term of each attention node (in no edge): ``b_O``, through the linearised
+        post-attention norm plus that norm's bias where there is one."""
+        L, T, d = self.attn_out.shape
+        const = self.attn_post_norm(self.b_O[:, None, :].expand(L, T, d))
+        return const if self.attn_post is None else const + self.attn_post.b[:, None, :]
+
+    def final_norm(self, u: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_model"]:
+        """The linear part of the final norm with its scale frozen at the clean run's last position."""
+        if self.norm_centre:
+            u = u - u.mean(dim=-1, keepdim=True)
+        return u / self.final_scale * self.norm_w
+
+
+def clean_run(model: Any, spec: ModelSpec, tokens: Int[Tensor, "pos"]) -> CleanRun:
+    """One forward pass on ``tokens`` that records what the graph needs (no gradients).
+
+    Raises :class:`InputError` when the model's logits are not finite (NaN/inf: a broken or
+    overflowing model, often fp16 without enough range).
+    """
+    L = spec.n_layers
+    store: dict[tuple[str, int], Tensor] = {}
+
+    def saver(role: str, layer: int) -> Callable[[Tensor, Any], None]:
+        def hook(x: Tensor, hook: Any) -> None:
+            store[(role, layer)] = x.detach()[0].float().clone()
+        return hook
+
+    keys = [(r, l) for l in range(L) for r in ("resid_pre", "pattern", "v", "z", "attn_out", "mlp_out", "resid_post")]
+    keys.append(("final_scale", -1))
+    post = spec.norm_placement != "pre"
+    if post:
+        keys += [("attn_post_in", l) for l in range(L)]
+    hooks = [(hook_name(r, l if l >= 0 else None), saver(r, l)) for r, l in keys]
+    with model_guard(model):
+        logits = run_hooked(model, tokens[None], hooks, backend=spec.backend, last_only=False)[0].float()
+        # A hook point that exists but never fires (some TransformerLens adapters delegate a whole
+        # sublayer to the HF module: GPT-J's attention under TransformerLens 3.9's bridge) would
+        # otherwise surface as a KeyError; name it instead.
+        silent = [name for (name, _), key in zip(hooks, keys) if key not in store]
+        if silent:
+            raise UnsupportedModelError(
+                f"{spec.name}: the hook point {silent[0]} never fired during a forward pass "
+                f"({len(silent)} hook points silent), so this TransformerLens adapter does not expose what the "
+                "s-Trace graph reads and edits; tl_strace refuses the model. Try another TransformerLens version "
+                "or backend (HookedTransformer / TransformerBridge)."
+            )
+        # The last position's normalised state, recomputed from what the unembedding read.
+        final_out = _final_out(model, spec, store[("resid_post", L - 1)][-1], store[("final_scale", -1)][-1])
+        W_O, b_O = zip(*(attention_output(model, spec, l) for l in range(L)))
+        w, b, centre = final_norm_params(model, spec)
+        attn_post = None
+        if post:
+            attn_out = torch.stack([store[("attn_out", l)] for l in range(L)])
+            raw = torch.stack([store.pop(("attn_post_in", l)) for l in range(L)])
+            attn_post = _post_norm(model, spec, "attn", raw, attn_out)
+    if not torch.isfinite(logits).all():
+        raise InputError(
+            f"{spec.name} produced non-finite logits (NaN or inf) on this input; s-Trace compares distributions "
+            "and cannot proceed. Check the model weights, or run it in float32 (fp16 overflows easily)."
+        )
+    d = spec.d_model
+    # pop while stacking: at most one role is held twice (the per-layer copies and the stack)
+    stack = lambda role: torch.stack([store.pop((role, l)) for l in range(L)])  # noqa: E731
+    scale = store[("final_scale", -1)][-1].reshape(-1)
+    if scale.numel() != 1:
+        raise UnsupportedModelError(f"{spec.name}: ln_final.hook_scale is not one number per position.")
+    return CleanRun(
+        spec=spec,
+        tokens=tokens,
+        resid_pre=stack("resid_pre"),
+        attn_out=stack("attn_out"),
+        mlp_out=stack("mlp_out"),
+        resid_post=stack("resid_post"),
+        pattern=stack("pattern"),
+        v=_per_kv_head(stack("v"), spec),
+        z=stack("z"),
+        W_O=torch.stack([x.detach().float() for x in W_O]),
+        b_O=torch.stack([x.detach().float() for x in b_O]),
+        final_scale=scale[0],
+        final_out=final_out,
+        norm_w=(w.detach().float() if w is not None else torch.ones(d, device=logits.device)),
+        norm_b=(b.detach().float() if b is not None else torch.zeros(d, device=logits.device)),
+        norm_centre=centre,
+        logits=logits,
+        attn_post=attn_post,
+    )
+
+
+def _final_out(model: Any, spec: ModelSpec, x_last: Tensor, scale: Tensor) -> Tensor:
+    """What the model's own final norm gives for the last position (the reference to check against)."""
+    ln = model.ln_final
+    inner = getattr(ln, "original_component", None) if spec.backend == "bridge" else None
+    fn = inner if inner is not None else ln
+    with torch.no_grad():
+        out = fn(x_last[None, None].to(model_dtype(model)))
+    return out.reshape(-1).float()
+
+
+def clean_patterns(model: Any, tokens: Int[Tensor, "pos"], *, n_layers: int, n_heads: int,
+                   name: str | None = None) -> Float[Tensor, "layer head pos pos_src"]:
+    """The clean attention patterns of ``tokens``, by one forward pass, on CPU.
+
+    For views of a result traced earlier: the model must have the result's architecture
+    (``n_layers`` × ``n_heads`` and, when given, its name) and be ready (no foreign hooks), checked
+    before the forward pass; the call holds the model's lock like every tl_strace call
+    (:func:`exclusive`). Views never run the model themselves: a caller computes the patterns here
+    (``StraceResult.clean_patterns(model)``) and passes them.
+    """
+    with exclusive(model):
+        spec = describe_model(model)
+        if (spec.n_layers, spec.n_heads) != (int(n_layers), int(n_heads)) or (name is not None and spec.name != name):
+            raise InputError(f"This result was traced on {name!r} ({n_layers} layers × {n_heads} heads) "
+                             f"but the model given is {spec.name!r} ({spec.n_layers} × {spec.n_heads}); "
+                             "pass the model the result was traced with.")
+        require_ready(model)
+        run = clean_run(model, spec, tokens.to(_model_device(model)))
+    return run.pattern.cpu()
