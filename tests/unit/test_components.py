@@ -448,7 +448,7 @@ def test_hooks_off_the_computation_path_are_refused(llama_model, monkeypatch):
     are not on the path), every ablation would silently be a no-op: refused before any result."""
     import weakref
 
-    from tl_strace import components
+    from tl_strace.components import ablate as components  # where the check and its cache live
 
     monkeypatch.setattr(components, "_VERIFIED", weakref.WeakKeyDictionary())
     monkeypatch.setattr(components._MixHook, "__call__", lambda self, x, hook: x)
