@@ -9,7 +9,6 @@ entry point imports its checks from one module.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,11 +59,6 @@ def check_conditions(conditions: Any) -> tuple[str, ...]:
     return conds
 
 
-def _set(obj: Any, **values: Any) -> None:
-    for k, v in values.items():
-        object.__setattr__(obj, k, v)
-
-
 @dataclass(frozen=True)
 class CommonOptions:
     """The options every s-Trace entry point shares, checked once in ``__post_init__``.
@@ -90,14 +84,15 @@ class CommonOptions:
 
     def __post_init__(self) -> None:
         conds = check_conditions(self.conditions)
-        _set(self, sizes=check_sizes(self.sizes), conditions=tuple(dict.fromkeys(("only", *conds))),
+        self._canonical(sizes=check_sizes(self.sizes), conditions=tuple(dict.fromkeys(("only", *conds))),
              seed=check_seed(self.seed), top_k=check_top_k(self.top_k), batch_size=check_batch_size(self.batch_size),
              memory_budget=check_memory_budget(self.memory_budget),
              prepend_bos=check_optional_bool("prepend_bos", self.prepend_bos))
 
-    def replace(self, **changes: Any) -> "CommonOptions":
-        """A copy with ``changes`` applied and checked again."""
-        return dataclasses.replace(self, **changes)
+    def _canonical(self, **values: Any) -> None:
+        """Store checked values on the frozen instance (for ``__post_init__`` of this class and subclasses)."""
+        for k, v in values.items():
+            object.__setattr__(self, k, v)
 
 
 @dataclass(frozen=True)
@@ -125,7 +120,7 @@ class TraceOptions(CommonOptions):
         if method != "strace" and self.sizes is not None:
             raise InputError(f"method={method!r} builds strata from taus (weight thresholds); pass taus=..., not sizes.")
         super().__post_init__()
-        _set(self, method=method, weights=check_weights(self.weights), taus=check_taus(self.taus),
+        self._canonical(method=method, weights=check_weights(self.weights), taus=check_taus(self.taus),
              ablate_attention=check_bool("ablate_attention", self.ablate_attention))
 
     @property

@@ -147,7 +147,7 @@ def strace(
     opts = options.TraceOptions(sizes=sizes, method=method, taus=taus, weights=weights, conditions=conditions,
                                 seed=seed, top_k=top_k, batch_size=batch_size, memory_budget=memory_budget,
                                 prepend_bos=prepend_bos, ablate_attention=ablate_attention)  # every check, before any work
-    conds, sizes, taus, top_k, seed = opts.conditions, opts.sizes, opts.taus, opts.top_k, opts.seed
+    conds, top_k, seed = opts.conditions, opts.top_k, opts.seed
     batch_size, memory_budget, prepend_bos, ablate_attention = (opts.batch_size, opts.memory_budget, opts.prepend_bos,
                                                                 opts.ablate_attention)
     method, weights = opts.method, opts.weights
@@ -173,7 +173,7 @@ def strace(
         del run, vec  # the clean activations are not needed past here; free them before the search
         t2 = time.perf_counter()
         timings["graph"] = t2 - t1
-        strata = STRATIFICATIONS[method](graph, sizes if method == "strace" else taus)
+        strata = STRATIFICATIONS[method](graph, opts.parameters)
         tables = [strata.labels]
         rnd = None
         if "random" in conds:

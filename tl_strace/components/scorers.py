@@ -161,8 +161,7 @@ class ComponentOptions(options.CommonOptions):
         steps = options.check_int("greedy_steps", self.greedy_steps, minimum=1, optional=True)
         if steps is not None and scorer != "greedy":
             raise InputError(f"greedy_steps applies to scorer='greedy' only (scorer is {scorer!r}); leave it None.")
-        for k, v in {"scorer": scorer, "attribution_point": point, "greedy_steps": steps,
-                     "ablation": options.check_choice("ablation", self.ablation, ABLATIONS),
-                     "mean_positions": options.check_choice("mean_positions", self.mean_positions, MEAN_POSITIONS),
-                     "per_position": options.check_bool("per_position", self.per_position)}.items():
-            object.__setattr__(self, k, v)
+        self._canonical(scorer=scorer, attribution_point=point, greedy_steps=steps,
+                        ablation=options.check_choice("ablation", self.ablation, ABLATIONS),
+                        mean_positions=options.check_choice("mean_positions", self.mean_positions, MEAN_POSITIONS),
+                        per_position=options.check_bool("per_position", self.per_position))

