@@ -53,7 +53,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
 import torch
 
@@ -339,27 +339,31 @@ def _assembled_gguf(spec: BundledModel, workdir: Path) -> Iterator[Path]:
             f"The installed parts of {spec.key!r} add up to {total:,} bytes, not {spec.size:,}: "
             f"a part is truncated or is another upload.{_reinstall_hint(spec)}"
         )
-    digest = hashlib.sha256()
     if len(files) == 1:
-        with files[0].open("rb") as src:
-            while block := src.read(1 << 22):
-                digest.update(block)
-        _check_digest(spec, digest.hexdigest())
+        _check_digest(spec, _copy_hashed(files, None))
         yield files[0]
         return
     fd, name = tempfile.mkstemp(prefix=f".{spec.key}.gguf-", suffix=".gguf", dir=workdir)
     tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as out:
-            for f in files:
-                with f.open("rb") as src:
-                    while block := src.read(1 << 22):
-                        digest.update(block)
-                        out.write(block)
-        _check_digest(spec, digest.hexdigest())
+            digest = _copy_hashed(files, out)
+        _check_digest(spec, digest)
         yield tmp
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _copy_hashed(files: list[Path], out: BinaryIO | None) -> str:
+    """SHA-256 of ``files`` concatenated in order, writing them to ``out`` on the way when given."""
+    digest = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as src:
+            while block := src.read(1 << 22):
+                digest.update(block)
+                if out is not None:
+                    out.write(block)
+    return digest.hexdigest()
 
 
 def _check_digest(spec: BundledModel, actual: str) -> None:
