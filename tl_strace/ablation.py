@@ -33,11 +33,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_strace.engine import masked_forwards
 from tl_strace.errors import InputError, UnsupportedModelError
 from tl_strace.graph import EdgeLayout
 from tl_strace.model import ModelSpec, attention_without_heads, hook_name, run_hooked
 
-__all__ = ["CONDITIONS", "MaskRow", "bytes_per_row", "masked_logprobs", "verify_attention_masking"]
+__all__ = ["CONDITIONS", "MaskRow", "TokenMasks", "bytes_per_row", "masked_logprobs", "verify_attention_masking"]
 
 _SENTINEL = torch.iinfo(torch.int16).max
 
@@ -78,75 +79,114 @@ def bytes_per_row(spec: ModelSpec, n_pos: int, dtype: torch.dtype) -> int:
     return H * T * T * (3 + 3 * b) + T * (8 * d_mlp + 10 * spec.d_model) * b + 6 * spec.d_vocab * 4
 
 
-def _hooks(spec: ModelSpec, layout: EdgeLayout, tables: tuple[Tensor, Tensor, Tensor, Tensor],
-           tab: Tensor, k: Tensor, inv: Tensor, ablate_attention: bool) -> list[tuple[str, Any]]:
-    attn_t, ra_t, m_t, rm_t = tables
-    state: dict[str, Tensor] = {}
-    hooks: list[tuple[str, Any]] = []
-    k4, inv4 = k[:, None, None, None], inv[:, None, None, None]
-    k2, inv2 = k[:, None], inv[:, None]
+_ATTN, _RES_ATTN, _MLP, _RES_MLP = range(4)  # the edge types, in the order of EdgeLayout.split
 
-    for l in range(spec.n_layers):
-        def pattern_hook(p: Tensor, hook: Any, l: int = l) -> Tensor:
-            keep = (attn_t[tab, l] <= k4) ^ inv4
-            return p * keep.to(p.dtype)
 
-        def pre_hook(x: Tensor, hook: Any) -> None:
-            state["x"] = x
+class _BlockMask:
+    """The masks of one block for one forward, as hook methods, for rows ``tab`` (label table),
+    ``k`` (stratum) and ``inv`` (inverse) of the batch.
 
-        def attn_out_hook(a: Tensor, hook: Any, l: int = l) -> Tensor:
-            x = state["x"]
-            drop = ~((ra_t[tab, l] <= k2) | inv2)  # residual edges: inverse keeps them all
-            a = a - drop[..., None].to(a.dtype) * x
-            state["mid"] = x + a
-            return a
+    The residual edges need the block's input stream, which only ``hook_resid_pre`` sees, so the
+    hooks share it through this object. TransformerLens fires a block's hooks in forward order —
+    ``resid_pre`` → ``pattern`` → ``attn_out`` → ``mlp_out`` — and every forward builds new
+    objects, so ``x`` (the block input) and ``mid`` (the stream between the sublayers, sequential
+    blocks only) always belong to this block and this forward.
+    """
 
-        def mlp_out_hook(m: Tensor, hook: Any, l: int = l) -> Tensor:
-            keep_m = ((m_t[tab, l] <= k2) ^ inv2)[..., None].to(m.dtype)
-            drop_r = (~((rm_t[tab, l] <= k2) | inv2))[..., None].to(m.dtype)
-            return keep_m * m - drop_r * state.pop("mid")
+    def __init__(self, layer: int, tables: tuple[Tensor, Tensor, Tensor, Tensor], tab: Tensor, k: Tensor,
+                 inv: Tensor) -> None:
+        self.layer, self.tables, self.tab, self.k, self.inv = layer, tables, tab, k, inv
+        self.x: Tensor | None = None
+        self.mid: Tensor | None = None
 
-        def parallel_mlp_out_hook(m: Tensor, hook: Any, l: int = l) -> Tensor:
-            keep_m = ((m_t[tab, l] <= k2) ^ inv2)[..., None].to(m.dtype)
-            drop_r = (~((ra_t[tab, l] <= k2) | inv2))[..., None].to(m.dtype)  # the block's one skip edge
-            return keep_m * m - drop_r * state.pop("x")
+    # Each mask is built when its hook fires, from this block's int16 labels (never all blocks at once).
+    def _labels(self, which: int) -> Tensor:
+        return self.tables[which][self.tab, self.layer]  # [row, ...] labels of this block
 
-        hooks += [(hook_name("resid_pre", l), pre_hook)]
-        if ablate_attention:
-            hooks.append((hook_name("pattern", l), pattern_hook))
-        if layout.parallel:  # attention output untouched; skip and MLP edges act on the MLP output
-            hooks.append((hook_name("mlp_out", l), parallel_mlp_out_hook))
-        else:
-            hooks += [(hook_name("attn_out", l), attn_out_hook), (hook_name("mlp_out", l), mlp_out_hook)]
-    return hooks
+    def _kept(self, which: int) -> Tensor:
+        """Attention or MLP edges kept [row, ...]: in the stratum, or outside it for an inverse row."""
+        lab = self._labels(which)
+        shape = (-1,) + (1,) * (lab.dim() - 1)
+        return (lab <= self.k.view(shape)) ^ self.inv.view(shape)
+
+    def _dropped_skip(self, which: int) -> Tensor:
+        """Skip edges (around attention, or a parallel block's one skip; around the MLP) removed [row, pos]: outside the stratum; an inverse row keeps every residual edge."""
+        return ~((self._labels(which) <= self.k[:, None]) | self.inv[:, None])
+
+    def resid_pre(self, x: Tensor, hook: Any) -> None:
+        self.x = x
+
+    def pattern(self, p: Tensor, hook: Any) -> Tensor:
+        return p * self._kept(_ATTN).to(p.dtype)
+
+    def attn_out(self, a: Tensor, hook: Any) -> Tensor:
+        """``out = keep·x + attn(x)``: drop the skip by subtracting ``x`` from the attention output."""
+        a = a - self._dropped_skip(_RES_ATTN)[..., None].to(a.dtype) * self.x
+        self.mid = self.x + a
+        return a
+
+    def mlp_out(self, m: Tensor, hook: Any) -> Tensor:
+        """``out = keep·mid + keep_m·mlp(mid)``: the MLP read the unmasked ``mid`` (its own input)."""
+        mid, self.mid = self.mid, None
+        return self._kept(_MLP)[..., None].to(m.dtype) * m - self._dropped_skip(_RES_MLP)[..., None].to(m.dtype) * mid
+
+    def parallel_mlp_out(self, m: Tensor, hook: Any) -> Tensor:
+        """Parallel blocks: ``out = keep·x + attn(x) + keep_m·mlp(x)``, the skip dropped here."""
+        x, self.x = self.x, None
+        return self._kept(_MLP)[..., None].to(m.dtype) * m - self._dropped_skip(_RES_ATTN)[..., None].to(m.dtype) * x
+
+
+class TokenMasks:
+    """Token-edge rows for :func:`tl_strace.engine.masked_forwards`: each :class:`MaskRow` is
+    stratum ``k`` of one of ``label_tables`` (or its inverse), masks built inside the hooks from the
+    compact int16 tables one block at a time.
+
+    ``ablate_attention=False`` leaves every attention edge in place whatever the masks say: what a
+    pipeline whose attention mask silently fails to apply computes (for comparison only).
+    """
+
+    def __init__(self, spec: ModelSpec, layout: EdgeLayout, label_tables: Sequence[Int[Tensor, "edge"]],
+                 rows: Sequence[MaskRow], *, device: torch.device, ablate_attention: bool = True) -> None:
+        if layout.parallel != spec.parallel:
+            raise InputError(f"{spec.name}: the edge layout (parallel={layout.parallel}) does not match the model's "
+                             f"blocks ({spec.block_kind}); build it as EdgeLayout(..., parallel=spec.parallel).")
+        self.spec, self.parallel, self.ablate_attention = spec, layout.parallel, ablate_attention
+        self.rows, self.device = list(rows), device
+        stacked = torch.stack([compact_labels(t) for t in label_tables]).to(device)
+        self.tables = layout.split(stacked)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.rows)
+
+    def hooks(self, start: int, stop: int) -> list[tuple[str, Any]]:
+        part = self.rows[start:stop]
+        tab = torch.tensor([r.table for r in part], device=self.device)
+        k = torch.tensor([r.k for r in part], device=self.device, dtype=torch.int16)
+        inv = torch.tensor([r.inverse for r in part], device=self.device)
+        hooks: list[tuple[str, Any]] = []
+        for l in range(self.spec.n_layers):
+            block = _BlockMask(l, self.tables, tab, k, inv)
+            hooks.append((hook_name("resid_pre", l), block.resid_pre))
+            if self.ablate_attention:
+                hooks.append((hook_name("pattern", l), block.pattern))
+            if self.parallel:  # attention output untouched; skip and MLP edges act on the MLP output
+                hooks.append((hook_name("mlp_out", l), block.parallel_mlp_out))
+            else:
+                hooks += [(hook_name("attn_out", l), block.attn_out), (hook_name("mlp_out", l), block.mlp_out)]
+        return hooks
 
 
 def masked_logprobs(model: Any, spec: ModelSpec, tokens: Int[Tensor, "pos"], layout: EdgeLayout,
                     label_tables: Sequence[Int[Tensor, "edge"]], rows: Sequence[MaskRow], *,
                     chunk: int, ablate_attention: bool = True) -> Iterator[Float[Tensor, "row vocab"]]:
-    """Yield float32 log-probabilities at the last position for ``rows``, ``chunk`` rows per forward.
+    """Yield float32 log-probabilities at the last position for ``rows``, ``chunk`` rows per forward
+    (:class:`TokenMasks` through :func:`tl_strace.engine.masked_forwards`).
 
-    ``ablate_attention=False`` leaves every attention edge in place whatever the masks say: what a
-    pipeline whose attention mask silently fails to apply computes (for comparison only).
-
-    Hooks exist only inside each forward (TransformerLens's ``model.hooks`` context); the caller
-    wraps the whole evaluation in :func:`tl_strace.model.model_guard`.
+    The caller wraps the whole evaluation in :func:`tl_strace.model.model_guard`.
     """
-    if layout.parallel != spec.parallel:
-        raise InputError(f"{spec.name}: the edge layout (parallel={layout.parallel}) does not match the model's "
-                         f"blocks ({spec.block_kind}); build it as EdgeLayout(..., parallel=spec.parallel).")
-    device = tokens.device
-    stacked = torch.stack([compact_labels(t) for t in label_tables]).to(device)
-    tables = layout.split(stacked)
-    for start in range(0, len(rows), chunk):
-        part = rows[start:start + chunk]
-        tab = torch.tensor([r.table for r in part], device=device)
-        k = torch.tensor([r.k for r in part], device=device, dtype=torch.int16)
-        inv = torch.tensor([r.inverse for r in part], device=device)
-        hooks = _hooks(spec, layout, tables, tab, k, inv, ablate_attention)
-        batch = tokens[None].expand(len(part), -1)
-        logits = run_hooked(model, batch, hooks, backend=spec.backend)
-        yield torch.log_softmax(logits.float(), dim=-1)
+    masks = TokenMasks(spec, layout, label_tables, rows, device=tokens.device, ablate_attention=ablate_attention)
+    yield from masked_forwards(model, spec, tokens, masks, chunk=chunk)
 
 
 _VERIFIED: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()

@@ -17,17 +17,34 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-# The choices come from the registries (one list of names each, never a second copy here).
-from tl_strace.ablation import CONDITIONS
-from tl_strace.components import ABLATIONS
-from tl_strace.corpus import GRANULARITIES
-from tl_strace.io.bundled import list_bundled_models
-from tl_strace.io.datasets import SHIPPED_SETS
-from tl_strace.search import STRATIFICATIONS
-from tl_strace.weights import WEIGHTS
+# Nothing heavy at import: ``tl-strace --help`` must not wait for torch (seconds). The bundled names
+# come from the light registry; the options' choices from the registries (one list of names each,
+# never a second copy here), read when a subcommand's arguments are added, i.e. only for the
+# subcommand being run (see build_parser).
+from tl_strace.io.registry import list_bundled_models
 
 #: The bundled model names, read from the registry (never a second list here).
 _BUNDLED = ", ".join(list_bundled_models())
+
+
+def _choices(name: str) -> list[str]:
+    """One registry's names: ``conditions``, ``ablations``, ``granularities``, ``methods``, ``weights``,
+    ``sets`` (imported on first use: these modules import torch)."""
+    if name == "conditions":
+        from tl_strace.ablation import CONDITIONS as names
+    elif name == "ablations":
+        from tl_strace.components import ABLATIONS as names
+    elif name == "granularities":
+        from tl_strace.corpus import GRANULARITIES as names
+    elif name == "methods":
+        from tl_strace.search import STRATIFICATIONS as names
+    elif name == "weights":
+        from tl_strace.weights import WEIGHTS as names
+    elif name == "sets":
+        from tl_strace.io.datasets import SHIPPED_SETS as names
+    else:  # pragma: no cover - a typo here
+        raise KeyError(name)
+    return list(names)
 
 __all__ = ["COMMANDS", "main"]
 
@@ -81,7 +98,7 @@ def format_trace(res: Any, *, show_tokens: Sequence[float] = (1e-3, 1e-2, 0.1, 0
     """A plain-text report of one result: header, density, the per-size table, top tokens."""
     cfg, model = res.config, res.model
     lines = [
-        f"model {model['name']} · {len(res.str_tokens)} tokens · {res.n_edges:,} edges · "
+        f"model {model['name']} · {len(res.str_tokens)} tokens · {res.n_total:,} {res.UNIT} · "
         f"method {cfg['method']} ({cfg['weights']} weights, {cfg['ablation']} ablation)",
         f"full model: next token {res.full_top_strs[0]!r} (p = {float(res.full_top_probs[0]):.3f}), "
         f"entropy {res.full_entropy:.3f} nats",
@@ -112,11 +129,11 @@ def _add_trace(p: argparse.ArgumentParser) -> None:
     p.add_argument("text", help="the input text; the token after its last token is the prediction traced")
     p.add_argument("--model", default="smollm2-135m", type=_NAME,
                    help=f"bundled model ({_BUNDLED}; offline), local directory, or hub name (default: smollm2-135m)")
-    p.add_argument("--method", default="strace", choices=list(STRATIFICATIONS))
-    p.add_argument("--weights", default="l1", choices=list(WEIGHTS))
+    p.add_argument("--method", default="strace", choices=_choices("methods"))
+    p.add_argument("--weights", default="l1", choices=_choices("weights"))
     p.add_argument("--sizes", type=float, nargs="+", help="s-Trace target sizes in (0, 1] (default: paper B's 26)")
     p.add_argument("--taus", type=float, nargs="+", help="thresholds for --method threshold/nucleus")
-    p.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
+    p.add_argument("--conditions", nargs="+", default=_choices("conditions"), choices=_choices("conditions"))
     p.add_argument("--target", help="the true next token (text), for cross-entropy and rank")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
     p.add_argument("--batch-size", type=int, help="masks per forward pass (default: from the memory budget)")
@@ -156,15 +173,21 @@ def _run_trace(args: argparse.Namespace) -> int:
     res = ts.strace(model, args.text, sizes=args.sizes, method=args.method, taus=args.taus, weights=args.weights,
                     conditions=args.conditions, target=args.target, seed=args.seed, batch_size=args.batch_size,
                     memory_budget=args.memory_budget)
+    written = []
     if args.save:
         res.save(args.save)
+        written.append(f"result saved to {args.save}")
     if args.html:
-        res.save_html(args.html, model=model)
+        written.append(f"HTML report written to {res.save_html(args.html, model=model)}")
     if args.json:
         print(json.dumps({"summary": res.summary(), "strata": res.to_dataframe().to_dict(orient="records")},
                          default=float, indent=1))
+        for line in written:  # stdout stays one JSON document
+            print(line, file=sys.stderr)
     else:
         print(format_trace(res))
+        for line in written:
+            print(line)
     return 0
 
 
@@ -176,15 +199,15 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 # ---------------------------------------------------------------- corpus runs (tl_strace.corpus, tl_strace.analysis)
 def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, type=_NAME, help=f"bundled model ({_BUNDLED}), local directory, or hub name")
-    p.add_argument("--data", required=True, type=_text_arg("data set name or file"), help=f"shipped set ({', '.join(SHIPPED_SETS)}), a .jsonl/.tsv/.txt "
+    p.add_argument("--data", required=True, type=_text_arg("data set name or file"), help=f"shipped set ({', '.join(_choices('sets'))}), a .jsonl/.tsv/.txt "
                    "file of passages, or wikitext[:config[:split]] (needs the internet or a datasets cache)")
     p.add_argument("--out", required=True, type=_PATH, help="run directory; rerun the same command to resume")
-    p.add_argument("--granularity", default="token", choices=list(GRANULARITIES))
-    p.add_argument("--ablation", default="zero", choices=list(ABLATIONS))
+    p.add_argument("--granularity", default="token", choices=_choices("granularities"))
+    p.add_argument("--ablation", default="zero", choices=_choices("ablations"))
     p.add_argument("--limit", type=int, help="trace only the first N passages (may grow between invocations)")
-    p.add_argument("--conditions", nargs="+", default=["only"], choices=list(CONDITIONS))
-    p.add_argument("--method", default="strace", choices=list(STRATIFICATIONS))
-    p.add_argument("--weights", default="l1", choices=list(WEIGHTS))
+    p.add_argument("--conditions", nargs="+", default=["only"], choices=_choices("conditions"))
+    p.add_argument("--method", default="strace", choices=_choices("methods"))
+    p.add_argument("--weights", default="l1", choices=_choices("weights"))
     p.add_argument("--sizes", type=float, nargs="+", help="s-Trace target sizes (default: paper B's 26)")
     p.add_argument("--taus", type=float, nargs="+", help="thresholds for --method threshold/nucleus")
     p.add_argument("--record-sizes", type=float, nargs="+", default=None,
@@ -249,20 +272,35 @@ COMMANDS["run"] = ("trace every passage of a data set, resumably (torchrun for s
 COMMANDS["report"] = ("write an HTML/Markdown report of corpus runs", _add_report, _run_report)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``tl-strace`` parser. With ``only``, only that subcommand gets its arguments (the
+    others are listed with their help line): what :func:`main` uses, so the options of a command
+    not being run, and the registries they read, are never loaded."""
     parser = _Parser(prog="tl-strace", description="s-Trace and computation density for "
                                      "TransformerLens models.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_, add, _) in COMMANDS.items():
-        add(sub.add_parser(name, help=help_, description=help_))
+        p = sub.add_parser(name, help=help_, description=help_)
+        if only is None or name == only:
+            add(p)
     return parser
+
+
+def _command_of(argv: Sequence[str]) -> str:
+    """The subcommand ``argv`` names (its first argument not starting with ``-``), or ``""``."""
+    for a in argv:
+        if not a.startswith("-"):
+            return a if a in COMMANDS else ""
+    return ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``tl-strace``; errors tl_strace raises on purpose print as one line, exit 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(only=_command_of(argv)).parse_args(argv)
+    import tl_strace.views  # noqa: F401  the result display methods' renderers (--html, reports)
     from tl_strace.errors import StraceError
 
-    args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command][2](args)
     except (StraceError, OSError) as e:  # our errors, and a write the OS refused (full disk, permissions)

@@ -113,7 +113,7 @@ class EdgeLayout:
 
     def decode(self, ids: Int[Tensor, "n"]) -> dict[str, Tensor]:
         """Type, layer, head (-1 unless attention), target and source position of flat edge ids."""
-        L, H, T = self.n_layers, self.n_heads, self.n_pos
+        H, T = self.n_heads, self.n_pos
         ids = ids.long()
         is_attn = ids < self.n_attn
         rel = ids - self.n_attn
@@ -219,14 +219,7 @@ def node_vectors(run: CleanRun) -> NodeVectors:
     if run.attn_post is not None:  # the linearised post-attention norm: weight into vo, gain into pattern
         vo = vo * run.attn_post.w[:, None, None, :]
         pattern = pattern * run.attn_post.gain[:, None, :, None]
-    last = spec.n_layers - 1
-    f = run.final_norm
-
-    def norm_last(x: Tensor) -> Tensor:
-        x = x.clone()
-        x[last] = f(x[last])
-        return x
-
+    norm_last = run.normalise_last_block
     return NodeVectors(
         resid_pre=norm_last(resid_pre),
         vo=norm_last(vo),

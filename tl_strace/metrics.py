@@ -13,6 +13,7 @@ distribution ``[vocab]``, ``sub`` a batch ``[row, vocab]``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -20,6 +21,7 @@ from torch import Tensor
 
 __all__ = [
     "NUCLEUS_LEVELS",
+    "clean_summary",
     "entropy",
     "kl_divergence",
     "row_metrics",
@@ -110,3 +112,18 @@ def row_metrics(full: Float[Tensor, "vocab"], logp: Float[Tensor, "row vocab"], 
         out["ce"] = out["rank"] = torch.full((logp.shape[0],), float("nan"), device=logp.device)
     out["ids"], out["probs"] = top_tokens(logp, top_k)
     return out
+
+
+def clean_summary(full: Float[Tensor, "vocab"], target: int | None, top_k: int) -> dict[str, Any]:
+    """The full model's own numbers a result keeps beside its curves: ``full_top_ids`` /
+    ``full_top_probs`` (its ``top_k`` tokens), ``full_entropy``, and ``full_ce`` /
+    ``full_target_rank`` of ``target`` (NaN without one). Every granularity stores these the same way."""
+    full = full.cpu()[None]
+    ids, probs = top_tokens(full, top_k)
+    if target is not None:
+        ce, rank = target_stats(full, target)
+        full_ce, full_rank = float(ce[0]), float(rank[0])
+    else:
+        full_ce = full_rank = float("nan")
+    return {"full_top_ids": ids[0], "full_top_probs": probs[0], "full_entropy": float(entropy(full)[0]),
+            "full_ce": full_ce, "full_target_rank": full_rank}

@@ -14,12 +14,11 @@ import torch
 from torch import Tensor
 
 from tl_strace._version import __version__
-from tl_strace.ablation import CONDITIONS, MaskRow, masked_logprobs, verify_attention_masking
+from tl_strace.ablation import CONDITIONS, MaskRow, TokenMasks, masked_logprobs, verify_attention_masking
+from tl_strace.engine import evaluate
 from tl_strace import options
-from tl_strace.errors import InputError
 from tl_strace.graph import EdgeLayout, Graph, check_decomposition, node_vectors
 from tl_strace.memory import rows_for_budget
-from tl_strace.metrics import ROW_METRICS, entropy, row_metrics, target_stats, top_tokens
 from tl_strace.model import (
     check_full_graph,
     clean_run,
@@ -29,10 +28,9 @@ from tl_strace.model import (
     prepare_tokens,
     require_ready,
     serialised,
-    str_tokens,
     target_token,
 )
-from tl_strace.results import StraceResult
+from tl_strace.results import StraceResult, measured_fields
 from tl_strace.search import STRATIFICATIONS, Strata, random_strata
 from tl_strace.weights import compute_weights
 
@@ -147,16 +145,14 @@ def strace(
     opts = options.TraceOptions(sizes=sizes, method=method, taus=taus, weights=weights, conditions=conditions,
                                 seed=seed, top_k=top_k, batch_size=batch_size, memory_budget=memory_budget,
                                 prepend_bos=prepend_bos, ablate_attention=ablate_attention)  # every check, before any work
-    conds, top_k, seed = opts.conditions, opts.top_k, opts.seed
-    batch_size, memory_budget, prepend_bos, ablate_attention = (opts.batch_size, opts.memory_budget, opts.prepend_bos,
-                                                                opts.ablate_attention)
-    method, weights = opts.method, opts.weights
+    # From here on every option is read from ``opts`` (checked and canonical), never from the arguments.
+    conds = opts.conditions
     require_ready(model)
-    tokens = prepare_tokens(model, spec, input, prepend_bos=prepend_bos)
+    tokens = prepare_tokens(model, spec, input, prepend_bos=opts.prepend_bos)
     tgt = target_token(model, spec, target)
     layout = EdgeLayout(spec.n_layers, spec.n_heads, int(tokens.numel()), parallel=spec.parallel)
     # Before any work: refuse a memory_budget the call cannot fit (tl_strace.memory).
-    rows_for_budget(spec, layout.n_pos, model_dtype(model), memory_budget=memory_budget, batch_size=batch_size,
+    rows_for_budget(spec, layout.n_pos, model_dtype(model), memory_budget=opts.memory_budget, batch_size=opts.batch_size,
                     n_rows=1, random="random" in conds)
     timings: dict[str, float] = {}
 
@@ -167,92 +163,56 @@ def strace(
         vec = node_vectors(run)
         check_decomposition(run, vec, rel_tol=1e-4 if model_dtype(model) == torch.float32 else 2e-2)
         verify_attention_masking(model, spec, tokens, run.b_O)
-        graph: Graph = compute_weights(vec, layout, weights)
+        graph: Graph = compute_weights(vec, layout, opts.weights)
         full = torch.log_softmax(run.logits, dim=-1)
         logit_scale = float(run.logits.abs().max())
         del run, vec  # the clean activations are not needed past here; free them before the search
         t2 = time.perf_counter()
         timings["graph"] = t2 - t1
-        strata = STRATIFICATIONS[method](graph, opts.parameters)
+        strata = STRATIFICATIONS[opts.method](graph, opts.parameters)
         tables = [strata.labels]
         rnd = None
         if "random" in conds:
-            rnd = random_strata(graph, strata.counts.tolist(), strata.sizes.tolist(), seed=seed)
+            rnd = random_strata(graph, strata.counts.tolist(), strata.sizes.tolist(), seed=opts.seed)
             tables.append(rnd.labels)
         t3 = time.perf_counter()
         timings["search"] = t3 - t2
 
         K = strata.n_strata
         rows = [MaskRow(table=(1 if c == "random" else 0), k=k, inverse=(c == "inverse")) for c in conds for k in range(K)]
-        chunk = rows_for_budget(spec, layout.n_pos, model_dtype(model), memory_budget=memory_budget,
-                                batch_size=batch_size, n_rows=len(rows), random="random" in conds)
-        out: dict[str, list[Tensor]] = {n: [] for n in ROW_METRICS}
+        chunk = rows_for_budget(spec, layout.n_pos, model_dtype(model), memory_budget=opts.memory_budget,
+                                batch_size=opts.batch_size, n_rows=len(rows), random="random" in conds)
         # The last stratum of every method is the full graph (every valid edge; the others cannot
-        # reach the last position), so its row must give back the clean logits: checked on every
-        # call, it catches what require_ready cannot see (a patched module, a stateful model).
-        full_row, start = conds.index("only") * K + K - 1, 0
-        for logp in masked_logprobs(model, spec, tokens, layout, tables, rows, chunk=chunk,
-                                    ablate_attention=ablate_attention):
-            if not torch.isfinite(logp).all():
-                raise InputError(f"{spec.name} produced non-finite logits under a masked forward; "
-                                 "run the model in float32.")
-            if start <= full_row < start + logp.shape[0]:
-                check_full_graph(spec, full, logp[full_row - start], logit_scale, model_dtype(model))
-            start += logp.shape[0]
-            for n, v in row_metrics(full, logp, tgt, top_k).items():
-                out[n].append(v)
+        # reach the last position): its row must give back the clean logits (tl_strace.engine.evaluate).
+        masks = TokenMasks(spec, layout, tables, rows, device=tokens.device, ablate_attention=opts.ablate_attention)
+        m = evaluate(model, spec, tokens, masks, clean=full, logit_scale=logit_scale,
+                     full_row=conds.index("only") * K + K - 1, chunk=chunk, target=tgt, top_k=opts.top_k,
+                     shape=(len(conds), K))
         timings["evaluate"] = time.perf_counter() - t3
 
-    C = len(conds)
-    shape = (C, K)
-    cat = lambda n: torch.cat(out[n]).cpu().reshape(*shape, *torch.cat(out[n]).shape[1:])  # noqa: E731
     reach = []
     for c in conds:
         if c == "inverse":  # every residual edge is kept: the skip chain reaches the input
             reach.append(torch.ones(K, dtype=torch.bool))
         else:
             reach.append(_reaches_input(rnd if c == "random" else strata, layout))
-    top_ids = cat("ids")
-    full_ids, full_probs = top_tokens(full[None], top_k)
-    if tgt is not None:
-        fce, frk = target_stats(full[None], tgt)
-        full_ce, full_rank = float(fce[0]), float(frk[0])
-    else:
-        full_ce = full_rank = float("nan")
     timings["total"] = time.perf_counter() - t0
     return StraceResult(
         model=spec.to_json(),
-        config={"method": method, "weights": weights, "ablation": "zero", "seed": int(seed),
-                "granularity": "token", "ablate_attention": bool(ablate_attention),
-                "sizes": [float(s) for s in strata.params] if method == "strace" else None,
-                "taus": [float(s) for s in strata.params] if method != "strace" else None,
-                "prepend_bos": prepend_bos, "top_k": int(top_ids.shape[-1]), "version": __version__},
-        str_tokens=str_tokens(model, tokens.cpu()),
-        tokens=tokens.cpu(),
-        target=tgt,
+        config={"method": opts.method, "weights": opts.weights, "ablation": "zero", "seed": int(opts.seed),
+                "granularity": "token", "ablate_attention": bool(opts.ablate_attention),
+                "sizes": [float(s) for s in strata.params] if opts.method == "strace" else None,
+                "taus": [float(s) for s in strata.params] if opts.method != "strace" else None,
+                "prepend_bos": opts.prepend_bos, "top_k": int(m["ids"].shape[-1]), "version": __version__},
         n_edges=graph.n_edges,
         conditions=conds,
         sizes=strata.sizes,
         counts=strata.counts,
         params=strata.params,
-        tv_all=cat("tv"),
-        kl_all=cat("kl"),
-        nucleus_all=cat("nucleus"),
-        entropy_all=cat("entropy"),
-        ce_all=cat("ce"),
-        target_rank_all=cat("rank"),
         reaches_input_all=torch.stack(reach),
-        top_ids=top_ids,
-        top_probs=cat("probs"),
-        top_strs=[[str_tokens(model, top_ids[c, k]) for k in range(K)] for c in range(C)],
-        full_top_ids=full_ids[0].cpu(),
-        full_top_probs=full_probs[0].cpu(),
-        full_top_strs=str_tokens(model, full_ids[0].cpu()),
-        full_entropy=float(entropy(full[None])[0]),
-        full_ce=full_ce,
-        full_target_rank=full_rank,
         labels=strata.labels,
         rank=strata.rank,
         weights=graph.weights.float(),
         timings=timings,
+        **measured_fields(model, tokens, tgt, m, full, opts.top_k),
     )

@@ -43,6 +43,12 @@ pytestmark = pytest.mark.skipif(
 
 XSS = "</script><img src=x onerror=alert(1)>"
 XSS2 = "<img src=y onerror=\"document.body.setAttribute('data-pwned','1')\">"
+
+
+def _foreign_imgs(html_text: str) -> list[str]:
+    """Every ``<img`` that is not the circuit view's own static picture (``tls-static-img``, a data-URI PNG)."""
+    return re.findall(r'<img(?! class="tls-static-img[^"]*" alt="[^"<>]*" src="data:image/png;base64,)', html_text,
+                      flags=re.I)
 WIDTH = 1300
 REGIONS = ("curves", "grid", "tokens", "head")
 
@@ -96,7 +102,7 @@ def _check_page(found: dict[str, Any], n_figures: int) -> None:
     assert 'data-tls-ready="1"' in dom and 'data-tls-error="' not in dom
     assert layout["circuitsvis"] == [n_figures, n_figures], layout
     # Injected token text stayed text: no element was created from it, no handler ran.
-    assert "<img" not in dom.lower()
+    assert _foreign_imgs(dom) == []
     assert 'data-pwned="1"' not in dom
     img = Image.open(found["shot"]).convert("RGB")
     for name in REGIONS:
@@ -156,7 +162,7 @@ def test_circuit_view_survives_every_interaction(gpt2_model, tmp_path):
     assert int(re.search(r'data-tls-tips="(\d+)"', dom).group(1)) > 20
     label = html.unescape(re.search(r'data-tls-label="([^"]*)"', dom).group(1))
     assert label.startswith("s = 1 ·") and f"{res.n_edges:,} edges" in label
-    assert "<img" not in dom.lower() and 'data-pwned="1"' not in dom
+    assert _foreign_imgs(dom) == [] and 'data-pwned="1"' not in dom
 
 
 def _keep(found: dict[str, Any], record: dict[str, Any]) -> None:
@@ -180,7 +186,7 @@ def test_report_renders_offline_without_errors(gpt2_model, tmp_path):
                               full_top_strs=[XSS] + list(res.full_top_strs[1:]))
     page = Path(res.save_html(tmp_path / "report.html", model=gpt2_model))
     text = page.read_text(encoding="utf-8")
-    assert "<img" not in text.split("var CircuitsVis")[0] and XSS not in text
+    assert _foreign_imgs(text.split("var CircuitsVis")[0]) == [] and XSS not in text
     found = _render(page, tmp_path)
     _check_page(found, n_figures=3)
     _keep(found, {"page_bytes": len(text.encode())})

@@ -133,7 +133,7 @@ def test_keeping_every_component_reproduces_the_logits(tiny_model):
         got = evaluate_components(tiny_model, TOKENS, [spec_names], **kw)[0]
         assert (got - want).abs().max() < 1e-5
     res = component_strace(tiny_model, TOKENS, scorer="l1")
-    assert float(res.tv[-1]) < 1e-5 and int(res.counts[-1]) == res.n_edges
+    assert float(res.tv[-1]) < 1e-5 and int(res.counts[-1]) == res.n_components
     assert _attached_hooks(tiny_model) == []
 
 
@@ -230,15 +230,15 @@ def test_l1_scores_are_local_l1_weights(gpt2_model):
     w = a / (store["x"].abs().sum(-1) + a.sum(-1))[:, None]
     mid = store["x"] + contrib.sum(1) + gpt2_model.blocks[0].attn.b_O.detach()
     wm = store["m"].abs().sum(-1) / (mid.abs().sum(-1) + store["m"].abs().sum(-1))
-    torch.testing.assert_close(res.weights[:H], w.mean(0), atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(res.weights[H], wm.mean(0), atol=1e-5, rtol=1e-4)
-    assert torch.equal(res.rank[torch.argsort(-res.weights, stable=True)], torch.arange(res.n_edges))
+    torch.testing.assert_close(res.scores[:H], w.mean(0), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(res.scores[H], wm.mean(0), atol=1e-5, rtol=1e-4)
+    assert torch.equal(res.rank[torch.argsort(-res.scores, stable=True)], torch.arange(res.n_components))
 
 
 def test_attribution_scores_are_the_gradient_of_kl_in_the_keep_mask(peaked_gpt2):
     """−∂KL/∂m_c at m = 0.5, checked by central finite differences through real masked forwards."""
     res = component_strace(peaked_gpt2, TOKENS, scorer="attribution", attribution_point=0.5)
-    C = res.n_edges
+    C = res.n_components
     full = _logp(peaked_gpt2(TOKENS[None])[0, -1])
     from tl_strace.components import Ablation, component_logprobs
     from tl_strace.model import describe_model
@@ -254,7 +254,7 @@ def test_attribution_scores_are_the_gradient_of_kl_in_the_keep_mask(peaked_gpt2)
         lp = torch.cat(list(component_logprobs(peaked_gpt2, spec, TOKENS, sp, rows, Ablation("zero"), chunk=64)))
     kl = kl_divergence(full, lp).double()
     fd = -(kl[0::2] - kl[1::2]) / (2 * eps)
-    torch.testing.assert_close(res.weights.double(), fd, atol=2e-3, rtol=2e-2)
+    torch.testing.assert_close(res.scores.double(), fd, atol=2e-3, rtol=2e-2)
 
 
 def test_greedy_steps_are_exact_best_extensions(peaked_gpt2):
@@ -272,8 +272,8 @@ def test_greedy_steps_are_exact_best_extensions(peaked_gpt2):
         assert abs(float(res.tv[step]) - float(tv.min())) < 1e-5
         chosen.append(order[step])
     # Strata beyond greedy_steps are not evaluated (except the full model), and unranked = NaN score.
-    assert res.counts.tolist() == [1, 2, 3, res.n_edges]
-    assert int((res.rank >= 0).sum()) == 3 and torch.isnan(res.weights[res.rank < 0]).all()
+    assert res.counts.tolist() == [1, 2, 3, res.n_components]
+    assert int((res.rank >= 0).sum()) == 3 and torch.isnan(res.scores[res.rank < 0]).all()
 
 
 def _curves(model, tokens, **kw):
@@ -296,7 +296,7 @@ def test_greedy_is_the_reference_for_the_cheap_scorers_on_tiny_models(tiny_model
         record_property(f"{tiny_model.cfg.model_name}-{sc}-minus-greedy-tv", [round(float(x), 5) for x in gap])
         record_property(f"{tiny_model.cfg.model_name}-{sc}-mean-gap", round(float(gap.mean()), 5))
         assert float(gap[0]) >= -1e-6
-        for k in range(1, g.n_edges):
+        for k in range(1, g.n_components):
             if _prefix(res[sc], k) == _prefix(g, k):
                 assert float(gap[k]) >= -1e-6, (sc, k, gap)
 
@@ -338,10 +338,10 @@ def test_every_search_against_the_exhaustive_optimum(peaked_small, ablation, rec
 # --------------------------------------------------------------------------------------------
 # Results
 # --------------------------------------------------------------------------------------------
-def test_component_results_are_strace_results(llama_model, tmp_path):
+def test_component_results_have_their_own_type_over_the_shared_base(llama_model, tmp_path):
     res = component_strace(llama_model, TOKENS, scorer="attribution", conditions=("only", "random", "inverse"),
                            target=7)
-    C = res.n_edges
+    C = res.n_components
     assert res.config["granularity"] == "component" and res.config["scorer"] == "attribution"
     assert res.config["ablation"] == "zero" and len(res.config["components"]) == C
     assert res.counts.tolist() == list(range(1, C + 1)) and float(res.sizes[-1]) == 1.0
@@ -353,10 +353,17 @@ def test_component_results_are_strace_results(llama_model, tmp_path):
     assert len(df) == 3 * C and set(df["condition"]) == {"only", "random", "inverse"}
     assert np.isfinite(res.density) and math.isfinite(res.summary()["density"])
     assert res.recovery_sizes()[1] <= 1.0
+    assert isinstance(res, ts.ComponentResult) and isinstance(res, ts.TraceResult)
+    assert not isinstance(res, ts.StraceResult) and not hasattr(res, "n_edges") and not hasattr(res, "weights")
+    assert res.components == res.config["components"] and res.n_total == C and f"n_{res.UNIT}" in df
     path = tmp_path / "comp.safetensors"
     res.save(path)
-    back = ts.StraceResult.load(path)
-    assert back.config == res.config and torch.equal(back.rank, res.rank) and back.density == res.density
+    for load in (ts.TraceResult.load, ts.ComponentResult.load):
+        back = load(path)
+        assert type(back) is ts.ComponentResult and back.config == res.config
+        assert torch.equal(back.rank, res.rank) and torch.equal(back.scores, res.scores) and back.density == res.density
+    with pytest.raises(ts.ResultsError, match="ComponentResult.load or TraceResult.load"):
+        ts.StraceResult.load(path)  # the token-level type refuses a component file, saying what to use
     with pytest.raises(InputError, match="component_table"):
         res.subgraph(0.5)
     tab = component_table(res)
@@ -367,8 +374,8 @@ def test_component_results_are_strace_results(llama_model, tmp_path):
 def test_per_position_component_trace(gpt2_model):
     toks = TOKENS[:5]
     res = component_strace(gpt2_model, toks, scorer="l1", per_position=True, sizes=[0.1, 0.5])
-    assert res.n_edges == 2 * 5 * 5 + 5 and res.config["per_position"]
-    assert res.counts.tolist() == [math.floor(0.1 * res.n_edges), math.floor(0.5 * res.n_edges), res.n_edges]
+    assert res.n_components == 2 * 5 * 5 + 5 and res.config["per_position"]
+    assert res.counts.tolist() == [math.floor(0.1 * res.n_components), math.floor(0.5 * res.n_components), res.n_components]
     assert all("@" in n for n in res.config["components"])
 
 
@@ -403,6 +410,8 @@ def test_project_trace_counts_component_edges(gpt2_model):
     ({"ablation": "mean"}, "compute_means"),
     ({"scorer": "attribution", "attribution_point": 1.0}, "strictly between 0 and 1"),
     ({"scorer": "l1", "greedy_steps": 3}, "greedy_steps"),
+    ({"scorer": "l1", "attribution_point": 0.3}, "attribution_point applies to scorer='attribution' only"),
+    ({"scorer": "greedy", "attribution_point": 0.5}, "attribution_point applies"),
     ({"conditions": ["only", "bogus"]}, "Conditions"),
     ({"sizes": [0.5, 0.1]}, "strictly increasing"),
     ({"mean_positions": "both", "ablation": "mean"}, "mean_positions"),
@@ -455,3 +464,26 @@ def test_hooks_off_the_computation_path_are_refused(llama_model, monkeypatch):
     with pytest.raises(ts.UnsupportedModelError, match="not on its computation path"):
         component_strace(llama_model, TOKENS)
     assert _attached_hooks(llama_model) == []
+
+
+def test_component_files_of_format_2_load_as_component_results(llama_model, tmp_path):
+    """Before result types per granularity (format 2), a component result was a StraceResult whose
+    n_edges / weights held the component count and scores: such files still load, renamed."""
+    from tl_strace.store import read_tensors, write_tensors
+
+    res = component_strace(llama_model, TOKENS, scorer="l1")
+    new = tmp_path / "new.st"
+    res.save(new)
+    meta, tensors = read_tensors(new, "tl_strace", what="test", missing="missing")
+    meta["format_version"] = 2
+    meta["n_edges"] = meta.pop("n_components")
+    tensors["weights"] = tensors.pop("scores")
+    old = tmp_path / "old.st"
+    write_tensors(old, tensors, "tl_strace", meta)
+    back = ts.TraceResult.load(old)
+    assert type(back) is ts.ComponentResult and back.n_components == res.n_components
+    assert torch.equal(back.scores, res.scores) and torch.equal(back.labels, res.labels)
+    meta["format_version"] = 3  # a current file must use the current names
+    write_tensors(old, tensors, "tl_strace", meta)
+    with pytest.raises(ts.ResultsError, match="n_components|scores"):
+        ts.TraceResult.load(old)

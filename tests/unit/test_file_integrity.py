@@ -74,7 +74,7 @@ def saved(res, tmp_path) -> Path:
 def test_untouched_result_round_trips_exactly(res, saved):
     raw, _ = _read_raw(saved)
     assert len(raw[CHECKSUM_KEY]) == 64
-    back = ts.StraceResult.load(saved)
+    back = ts.TraceResult.load(saved)
     assert back.density == res.density and back.conditions == res.conditions
     for s in (0.05, 0.2, 1.0):
         a, b = res.subgraph(s), back.subgraph(s)
@@ -87,7 +87,7 @@ def test_untouched_result_round_trips_exactly(res, saved):
 def test_flipped_byte_in_tensor_data_is_refused(saved, tensor):
     _flip_data_byte(saved, tensor)
     with pytest.raises(ResultsError, match="modified or damaged"):
-        ts.StraceResult.load(saved)
+        ts.TraceResult.load(saved)
 
 
 def _set(key, value):
@@ -123,7 +123,7 @@ def test_edited_result_is_refused_naming_the_field(saved, edit, recompute):
     edit_meta, edit_tensors, field = META_EDITS[edit]
     _rewrite(saved, "tl_strace", edit_meta, edit_tensors, recompute=recompute)
     with pytest.raises(ResultsError) as exc:
-        ts.StraceResult.load(saved)
+        ts.TraceResult.load(saved)
     msg = str(exc.value)
     assert "\n" not in msg and str(saved) in msg
     assert ("modified or damaged" in msg) if not recompute else (field in msg), msg
@@ -135,12 +135,12 @@ def test_file_without_checksum_is_schema_checked_and_loads(res, saved):
     meta = json.loads(raw["tl_strace"])
     meta["format_version"] = 1  # what 0.1.0 wrote: format 1, no checksum (format 2 always has one)
     save_file(tensors, str(saved), metadata={"tl_strace": json.dumps(meta)})
-    back = ts.StraceResult.load(saved)
+    back = ts.TraceResult.load(saved)
     assert back.density == res.density
     meta["n_edges"] += 1
     save_file(tensors, str(saved), metadata={"tl_strace": json.dumps(meta)})
     with pytest.raises(ResultsError, match="n_edges"):
-        ts.StraceResult.load(saved)
+        ts.TraceResult.load(saved)
 
 
 def test_validate_accepts_every_kind_of_result(gpt2_model, tmp_path):
@@ -157,7 +157,7 @@ def test_validate_accepts_every_kind_of_result(gpt2_model, tmp_path):
     for i, r in enumerate(runs):
         r.validate()
         r.save(tmp_path / f"{i}.safetensors")
-        back = ts.StraceResult.load(tmp_path / f"{i}.safetensors")
+        back = ts.TraceResult.load(tmp_path / f"{i}.safetensors")
         assert torch.equal(back.tv_all, r.tv_all) and back.config == r.config
 
 

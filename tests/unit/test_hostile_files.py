@@ -34,7 +34,7 @@ from tl_strace.store import CHECKSUM_KEY, FORMAT_KEY, content_checksum
 # the entry points given wrongly typed values are called unwrapped (as in test_input_validation).
 compute_means_raw = inspect.unwrap(compute_means)
 component_strace_raw = inspect.unwrap(component_strace)
-load_result_raw = functools.partial(inspect.unwrap(ts.StraceResult.load.__func__), ts.StraceResult)
+load_result_raw = functools.partial(inspect.unwrap(ts.TraceResult.load.__func__), ts.TraceResult)
 load_means_raw = functools.partial(inspect.unwrap(MeanCache.load.__func__), MeanCache)
 
 TOKENS = torch.tensor([0, 5, 17, 3, 42, 8])
@@ -79,13 +79,13 @@ def test_a_removed_checksum_on_a_new_result_is_damage(res, tmp_path):
     p = tmp_path / "r.st"
     res.save(p)
     raw, tensors = _raw(p)
-    assert raw[FORMAT_KEY] == "2" and json.loads(raw["tl_strace"])["format_version"] == 2
+    assert raw[FORMAT_KEY] == "2" and json.loads(raw["tl_strace"])["format_version"] == 3
     meta = json.loads(raw["tl_strace"])
     meta["str_tokens"][1] = "edited"  # a half-edit: the content changed and the checksum dropped
     for metadata in ({"tl_strace": json.dumps(meta)}, {"tl_strace": json.dumps(meta), FORMAT_KEY: "2"}):
         save_file(tensors, str(p), metadata=metadata)
         with pytest.raises(ResultsError, match="checksum was removed"):
-            ts.StraceResult.load(p)
+            ts.TraceResult.load(p)
 
 
 def test_a_genuine_format1_result_without_checksum_still_loads(res, tmp_path):
@@ -95,7 +95,7 @@ def test_a_genuine_format1_result_without_checksum_still_loads(res, tmp_path):
     meta = json.loads(raw["tl_strace"])
     meta["format_version"] = 1  # what 0.1.0 wrote: no marker, no checksum
     save_file(tensors, str(p), metadata={"tl_strace": json.dumps(meta)})
-    assert ts.StraceResult.load(p).density == res.density
+    assert ts.TraceResult.load(p).density == res.density
 
 
 def test_a_removed_checksum_on_a_new_mean_cache_is_damage(means, tmp_path):
@@ -118,7 +118,7 @@ def test_top_k_above_the_vocabulary_is_stored_as_the_effective_value(gpt2_model,
                            component_strace(gpt2_model, TOKENS, top_k=10**6))):
         assert r.config["top_k"] == V == r.top_ids.shape[-1]
         r.save(tmp_path / f"{i}.st")
-        assert ts.StraceResult.load(tmp_path / f"{i}.st").config["top_k"] == V
+        assert ts.TraceResult.load(tmp_path / f"{i}.st").config["top_k"] == V
 
 
 # ------------------------------------------------------------------ 3. compute_means arguments
@@ -129,12 +129,12 @@ def test_compute_means_refuses_a_bad_batch_size(gpt2_model, bs):
 
 
 def test_compute_means_checks_roles_and_path_before_any_forward(gpt2_model, tmp_path, monkeypatch):
-    import tl_strace.mean as mean_mod
+    import tl_strace.mean.compute as mean_compute  # where compute_means looks up run_hooked
 
     def no_forward(*a, **k):
         raise AssertionError("a forward pass ran before the arguments were checked")
 
-    monkeypatch.setattr(mean_mod, "run_hooked", no_forward)
+    monkeypatch.setattr(mean_compute, "run_hooked", no_forward)
     for roles in (None, 5, "z", [1]):
         with pytest.raises(InputError, match="roles"):
             compute_means_raw(gpt2_model, SEQS, roles=roles)
@@ -179,10 +179,10 @@ def test_resealed_schema_holes_are_refused(res, res_target, tmp_path, case):
     edit_meta, edit_tensors, field = HOLES[case]
     p = tmp_path / "r.st"
     (res_target if case.startswith("ce_") else res).save(p)
-    ts.StraceResult.load(p)  # intact: loads
+    ts.TraceResult.load(p)  # intact: loads
     _reseal(p, "tl_strace", edit_meta, edit_tensors)
     with pytest.raises(ResultsError) as exc:
-        ts.StraceResult.load(p)
+        ts.TraceResult.load(p)
     assert field in str(exc.value) and "\n" not in str(exc.value)
 
 
@@ -190,10 +190,10 @@ def test_component_result_may_be_mean_ablated_but_not_attention_flagged(gpt2_mod
     r = component_strace(gpt2_model, TOKENS, ablation="mean", means=means)
     p = tmp_path / "c.st"
     r.save(p)
-    assert ts.StraceResult.load(p).config["ablation"] == "mean"
+    assert ts.TraceResult.load(p).config["ablation"] == "mean"
     _reseal(p, "tl_strace", lambda m: m["config"].update(ablation="max"))
     with pytest.raises(ResultsError, match="config.ablation"):
-        ts.StraceResult.load(p)
+        ts.TraceResult.load(p)
 
 
 # ------------------------------------------------------------------ 5. a path that is not a path
@@ -243,7 +243,7 @@ def _fifo(path: Path):
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
-@pytest.mark.parametrize("load", [ts.StraceResult.load, MeanCache.load], ids=["result", "means"])
+@pytest.mark.parametrize("load", [ts.TraceResult.load, MeanCache.load], ids=["result", "means"])
 def test_loading_a_fifo_is_refused_without_opening_it(tmp_path, load):
     with _fifo(tmp_path / "pipe.st") as fifo:
         with pytest.raises(ResultsError, match="not a regular file"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import tl_strace.mean as mean_mod
+import tl_strace.mean.compute as mean_compute  # where compute_means looks up run_hooked
 from tl_strace.errors import InputError, ResultsError
 from tl_strace.mean import MeanCache, compute_means
 from tl_strace.model import _attached_hooks, describe_model
@@ -93,7 +93,7 @@ def test_cache_is_saved_loaded_and_reused(gpt2_model, tmp_path, monkeypatch):
     for r in a.means:
         assert torch.equal(back.means[r], a.means[r]) and torch.equal(back.pos_means[r], a.pos_means[r])
     calls = []
-    monkeypatch.setattr(mean_mod, "run_hooked", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(mean_compute, "run_hooked", lambda *a, **k: calls.append(1))
     again = compute_means(gpt2_model, SEQS, path=path)  # same model and corpus: loaded, no forward
     assert calls == [] and torch.equal(again.means["z"], a.means["z"])
     monkeypatch.undo()

@@ -97,9 +97,9 @@ def test_random_strata_are_seeded_connected_and_same_size():
 @pytest.mark.parametrize("block", [1, 2, 7])
 def test_tie_replay_in_small_blocks_equals_plain_heap(block, monkeypatch):
     """Tied runs are turned into Python lists a block at a time; block boundaries change nothing."""
-    import tl_strace.search as search
+    import tl_strace.search.strace as strace
 
-    monkeypatch.setattr(search, "_REPLAY_BLOCK", block)
+    monkeypatch.setattr(strace, "_REPLAY_BLOCK", block)
     for seed in range(8):
         graph = random_graph(2, 3, 5, seed, levels=[3, 1][seed % 2])
         assert strace_order(graph).tolist() == reference_strace_order(graph).tolist()
@@ -165,3 +165,28 @@ def test_bad_sizes_raise_with_the_problem_named(bad):
 def test_target_counts_are_exact_decimal_floors():
     assert target_counts([0.29, 0.57, 1.0], 100) == [29, 57, 100]
     assert target_counts([1e-5], 391140) == [3]
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_canonical_column_is_the_order_the_plain_heap_pushes_a_nodes_in_edges(parallel):
+    """The fast search breaks weight ties by (reach position, ``_canonical``), standing in for the
+    plain heap's insertion counter; that holds because ``_canonical`` is each edge's index among
+    its node's valid in-edges in ``_in_edge_rows``, the order the plain heap pushes them in. The
+    rows also list each edge once, under its own target node, with its own source node."""
+    from tl_strace.search._rows import _canonical, _in_edge_rows, _row_nodes
+
+    layout = EdgeLayout(3, 4, 6, parallel=parallel)
+    rows = _in_edge_rows(layout, torch.rand(layout.size, generator=torch.Generator().manual_seed(0)))
+    T, seen = layout.n_pos, []
+    for l in range(layout.n_layers):
+        for kind, g in _row_nodes(layout, l):
+            r = rows[kind]
+            for t in range(T):
+                ids = r.edge[l, t][r.valid[l, t]]
+                assert _canonical(layout, ids).tolist() == list(range(ids.numel()))
+                src, tgt = layout.node_ids(ids)
+                assert tgt.tolist() == [g * T + t] * ids.numel()
+                assert src.tolist() == r.source[l, t][r.valid[l, t]].tolist()
+                seen += ids.tolist()
+    assert len(seen) == len(set(seen))
+    assert set(seen) >= set(torch.nonzero(layout.ancestors()).flatten().tolist())

@@ -32,12 +32,18 @@ from tl_strace.views import (
     token_contributions,
 )
 from tl_strace.views._data import token_edges
-from tl_strace.views._html import content_id, esc, round_sig, script_json
+from tl_strace.views._html import content_id, esc, round_sig, script_json, stable_ids
 from tl_strace.views.circuit import circuit_data
 from tl_strace.views.detail import attention_patterns, colored_tokens, figures_html, restricted_patterns, topk_tokens
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 XSS = "</script><img src=x onerror=alert(1)>"
+
+
+def _foreign_imgs(html: str) -> list[str]:
+    """Every ``<img`` that is not the view's own static picture (a data-URI PNG)."""
+    return re.findall(r'<img(?! class="tls-static-img[^"]*" alt="[^"<>]*" src="data:image/png;base64,[A-Za-z0-9+/=]+")',
+                      html, flags=re.I)
 SYNTH_TOKENS = ["<bos>", " The", " cat", XSS, " sat & ran", "\u2028on", " the"]
 
 
@@ -108,7 +114,7 @@ def _outside_data(html: str) -> str:
 
 def test_circuit_view_escapes_every_token(synth):
     html = circuit_view(synth).html
-    assert "<img" not in html and XSS not in html
+    assert _foreign_imgs(html) == [] and XSS not in html
     assert "&lt;/script&gt;&lt;img src=x onerror=alert(1)&gt;" in html  # the input text, escaped
     # Every <script> we open is closed exactly once: nothing in the data closed one early.
     assert html.count("<script") == html.count("</script>") == 2
@@ -122,7 +128,7 @@ def test_circuit_view_escapes_every_token(synth):
 
 def test_report_and_details_escape_tokens(synth):
     html = report_html(synth, details=True, plots=False)
-    assert "<img" not in html and XSS not in html
+    assert _foreign_imgs(html) == [] and XSS not in html
     # circuitsvis puts token text into innerHTML: its props carry entity-escaped tokens.
     props = colored_tokens(synth).props
     assert "&lt;/script&gt;&lt;img src=x onerror=alert(1)&gt;" in props["tokens"]
@@ -132,19 +138,28 @@ def test_report_and_details_escape_tokens(synth):
 def test_report_has_no_network_reference(synth):
     html = report_html(synth, details=True, plots=True)
     assert html.count("var CircuitsVis") == 1  # the 1.3 MB bundle once per page
-    assert not re.search(r"<(script|link|img|iframe)[^>]*\s(src|href)\s*=", html, flags=re.I)
+    assert not re.search(r'<(script|link|img|iframe)[^>]*\s(src|href)\s*=(?!"data:image/png;base64,)', html, flags=re.I)
     assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", _outside_data(html).split("var CircuitsVis")[0])
     assert "unpkg.com" not in html and "cdn." not in html.lower().split("var circuitsvis")[0]
     assert "default-src 'none'" in html  # the page itself forbids any fetch
 
 
 # ------------------------------------------------------------------------------------------ determinism
+def _stable(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with element ids numbered (as on a standalone page), not random."""
+    with stable_ids():
+        return fn(*args, **kwargs)
+
+
 def test_circuit_view_snapshot(synth):
     """The HTML of a fixed result is byte-identical to the stored snapshot (ids derive from content).
 
     After an intended change of the view, regenerate with TL_STRACE_UPDATE_SNAPSHOTS=1.
     """
-    html = circuit_view(synth).html
+    with stable_ids():
+        html = circuit_view(synth).html
+    # the static PNG's bytes depend on matplotlib and FreeType: checked in test_views_jupyter.py
+    html = re.sub(r'src="data:image/png;base64,[^"]*"', 'src="data:image/png;base64,PNG"', html)
     path = SNAPSHOTS / "circuit_view.html"
     if os.environ.get("TL_STRACE_UPDATE_SNAPSHOTS") == "1" or not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,13 +170,13 @@ def test_circuit_view_snapshot(synth):
 
 
 def test_render_is_deterministic_and_ids_follow_content(synth, tmp_path):
-    a, b = circuit_view(synth).html, circuit_view(synthetic_result()).html
+    a, b = _stable(circuit_view, synth).html, _stable(circuit_view, synthetic_result()).html
     assert a == b
-    other = circuit_view(synthetic_result(tokens=SYNTH_TOKENS[:-1] + [" a"])).html
+    other = _stable(circuit_view, synthetic_result(tokens=SYNTH_TOKENS[:-1] + [" a"])).html
     id_of = lambda h: re.search(r'class="tls-view" id="([^"]+)"', h).group(1)  # noqa: E731
     assert id_of(a) != id_of(other)
     synth.save(tmp_path / "r.safetensors")
-    assert circuit_view(StraceResult.load(tmp_path / "r.safetensors")).html == a
+    assert _stable(circuit_view, StraceResult.load(tmp_path / "r.safetensors")).html == a
     r1, r2 = report_html(synth, plots=True, details=True), report_html(synthetic_result(), plots=True, details=True)
     assert r1 == r2
 
@@ -274,7 +289,7 @@ def test_component_granularity_result_gets_curves_and_a_note(synth):
 
 # ------------------------------------------------------------------------------------------ result methods
 def test_result_methods_delegate(synth, tmp_path):
-    assert synth._repr_html_() == circuit_view(synth).html
+    assert _stable(synth._repr_html_) == _stable(circuit_view, synth).html
     path = synth.save_html(tmp_path / "sub" / "report.html", details=False)
     text = Path(path).read_text(encoding="utf-8")
     assert text.startswith("<!DOCTYPE html>") and "data-tls-circuit" in text and "tls-shares" in text
@@ -318,7 +333,7 @@ def test_figures_html_inlines_bundle_once_and_closes_scripts(synth):
     assert html.count("var CircuitsVis") == 1
     assert html.count("</script>") == 1 + len(figs)  # the bundle's own "</script" literal is neutralised
     assert "<!--" not in html  # would switch the HTML parser into escaped script data
-    assert figures_html(figs) == html  # deterministic ids
+    assert _stable(figures_html, figs) == _stable(figures_html, figs)  # numbered ids: deterministic
     assert figures_html(figs, bundle=False).count("var CircuitsVis") == 0
 
 
@@ -362,9 +377,9 @@ def test_attention_patterns_are_restricted_to_kept_edges(gpt2_model, tiny_res):
     assert fig.component == "AttentionHeads"
     assert 1 <= len(fig.props["attention"]) <= 3
     assert len(fig.props["attention"][0]) == len(tiny_res.str_tokens)
-    html = tiny_res.detail_views(model=gpt2_model).html
+    html = _stable(tiny_res.detail_views, model=gpt2_model).html
     assert html.count("var CircuitsVis") == 1 and "AttentionHeads" in html
-    assert html == detail_views(tiny_res, patterns=pattern).html  # the method only computes the patterns
+    assert html == _stable(detail_views, tiny_res, patterns=pattern).html  # the method only computes the patterns
 
 
 def test_attention_patterns_refuse_another_model(gpt2_model, tiny_res):

@@ -65,14 +65,19 @@ Scorers (:data:`COMPONENT_SCORERS`)
   later strata are not guaranteed optimal (greedy is myopic, and a scorer's prefix can beat it at
   some sizes). The unit tests compare every search with the exhaustive optimum on a tiny model.
 
-Results are ordinary :class:`~tl_strace.results.StraceResult` objects, so density, curves,
-``to_dataframe()`` and ``save``/``load`` work unchanged, with these readings:
-``config["granularity"] == "component"``; ``n_edges`` and ``counts`` count *components*;
-``sizes`` are ``counts / n_components`` (realised fractions, or the σ you passed);
-``labels``/``rank``/``weights`` are over the component space (``config["components"]`` names
-index ``i``): smallest stratum containing the component, order of the search (-1 unranked),
-scorer value (greedy: the TV drop when it was added; NaN unranked). ``reaches_input`` is always
-true. ``config["tv_empty"]`` is the TV with every component ablated (k = 0, off the log axis).
+Results are :class:`~tl_strace.results.ComponentResult` objects, the component sibling of the
+token-level :class:`~tl_strace.results.StraceResult` over the same base
+(:class:`~tl_strace.results.TraceResult`), so density, curves, ``to_dataframe()`` and
+``save``/``load`` work the same: ``n_components`` and ``counts`` count components; ``sizes`` are
+the σ you passed (stratum ``k`` keeps ``floor(σ_k·C)`` components, :func:`tl_strace.search.target_counts`)
+or ``k/C``; ``labels``/``rank``/``scores`` are per component (``result.components`` names index
+``i``): smallest stratum containing it, order of the search (-1 unranked), scorer value (greedy:
+the TV drop when it was added; NaN unranked). ``reaches_input`` is always true (every residual
+edge is kept). ``config["tv_empty"]`` is the TV with every component ablated (k = 0, off the log axis).
+The *random* baseline at this granularity is a seeded uniform random order of the components
+(``torch.randperm`` with ``seed``), its strata the same counts: any set of components is a valid
+subgraph here, since the residual stream always connects them (at token level the random
+baseline must instead be grown as a connected subgraph, :func:`tl_strace.search.random_strata`).
 ``subgraph()`` refuses component results; use :func:`component_table`.
 Curves start at ``s = 1/C`` (not 1e-5), so component and token densities are not comparable
 numbers; compare within a granularity.

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from tl_strace.components.space import ABLATIONS, ComponentSpace
+from tl_strace.engine import masked_forwards
 from tl_strace.errors import InputError, UnsupportedModelError
 from tl_strace.mean import MEAN_POSITIONS, MeanCache
 from tl_strace.model import ModelSpec, attention_without_heads, hook_name, model_dtype, run_hooked
@@ -99,21 +100,35 @@ def _component_hooks(spec: ModelSpec, grid: Tensor, abl: Ablation) -> list[tuple
     return hooks
 
 
+class ComponentMasks:
+    """Component rows for :func:`tl_strace.engine.masked_forwards`: row ``i`` keeps component ``c``
+    with weight ``keep[i, c]`` (1 kept, 0 ablated to ``abl``; values between mix the two, which the
+    attribution scorer differentiates through)."""
+
+    def __init__(self, spec: ModelSpec, space: ComponentSpace, keep: Float[Tensor, "row comp"], abl: Ablation,
+                 *, device: torch.device, dtype: torch.dtype) -> None:
+        self.spec, self.space, self.keep, self.device = spec, space, keep, device
+        self.abl = abl.to(device, dtype)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.keep.shape[0])
+
+    def hooks(self, start: int, stop: int) -> list[tuple[str, Any]]:
+        return _component_hooks(self.spec, self.space.grid(self.keep[start:stop].to(self.device)), self.abl)
+
+
 def component_logprobs(model: Any, spec: ModelSpec, tokens: Int[Tensor, "pos"], space: ComponentSpace,
                        keep: Float[Tensor, "row comp"], abl: Ablation, *, chunk: int
                        ) -> Iterator[Float[Tensor, "chunk vocab"]]:
-    """Yield float32 last-position log-probabilities for each keep row, ``chunk`` rows per forward.
+    """Yield float32 last-position log-probabilities for each keep row, ``chunk`` rows per forward
+    (:class:`ComponentMasks` through :func:`tl_strace.engine.masked_forwards`).
 
     ``keep`` is 1 for a kept component and 0 for an ablated one (values between mix the two).
     The caller wraps the evaluation in :func:`tl_strace.model.model_guard`.
     """
-    device, dtype = tokens.device, model_dtype(model)
-    abl = abl.to(device, dtype)
-    for start in range(0, keep.shape[0], chunk):
-        part = keep[start:start + chunk].to(device)
-        hooks = _component_hooks(spec, space.grid(part), abl)
-        logits = run_hooked(model, tokens[None].expand(part.shape[0], -1), hooks, backend=spec.backend)
-        yield torch.log_softmax(logits.float(), dim=-1)
+    masks = ComponentMasks(spec, space, keep, abl, device=tokens.device, dtype=model_dtype(model))
+    yield from masked_forwards(model, spec, tokens, masks, chunk=chunk)
 
 
 _VERIFIED: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
@@ -156,13 +171,6 @@ class _Grab:
         self.store[self.key] = x.detach()[0].float()
 
 
-def _check_finite(spec: ModelSpec, logp: Tensor) -> None:
-    if not torch.isfinite(logp).all():
-        raise InputError(f"{spec.name} produced non-finite logits under a component mask; run it in float32.")
-
-
 def _logprobs(model: Any, spec: ModelSpec, tokens: Tensor, space: ComponentSpace, keep: Tensor,
               abl: Ablation, chunk: int) -> Tensor:
-    out = torch.cat(list(component_logprobs(model, spec, tokens, space, keep, abl, chunk=chunk)))
-    _check_finite(spec, out)
-    return out
+    return torch.cat(list(component_logprobs(model, spec, tokens, space, keep, abl, chunk=chunk)))

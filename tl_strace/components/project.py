@@ -11,22 +11,22 @@ import torch
 from tl_strace.components.space import _name, parse_component
 from tl_strace.errors import InputError
 from tl_strace.graph import EdgeLayout
-from tl_strace.results import StraceResult
+from tl_strace.results import ComponentResult, StraceResult, TraceResult
 from tl_strace.search import NOT_IN_ANY
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading results
 # ---------------------------------------------------------------------------------------------
-def component_table(result: StraceResult) -> pd.DataFrame:
+def component_table(result: TraceResult) -> pd.DataFrame:
     """One row per component of a component-level result, in rank order (unranked last):
     name, layer, head (-1 for MLPs), position (-1 unless per position), kind, rank, score, and
     ``first_size`` — the smallest stratum size that contains it. Filter ``first_size <= s`` for the
     components kept at size ``s``."""
-    if result.config.get("granularity") != "component":
+    if not isinstance(result, ComponentResult):
         raise InputError("component_table reads component-level results (tl_strace.component_strace); for a "
                          "token-level trace use project_trace(result) or result.subgraph(s).components().")
-    names = list(result.config["components"])
+    names = result.components
     parsed = [parse_component(n) for n in names]
     sizes = result.sizes.tolist()
     df = pd.DataFrame({
@@ -36,14 +36,14 @@ def component_table(result: StraceResult) -> pd.DataFrame:
         "position": [p[2] for p in parsed],
         "kind": ["mlp" if p[1] < 0 else "head" for p in parsed],
         "rank": result.rank.numpy(),
-        "score": result.weights.numpy(),
+        "score": result.scores.numpy(),
         "first_size": [sizes[int(k)] for k in result.labels.tolist()],
     })
     key = np.where(df["rank"] >= 0, df["rank"], len(df) + np.arange(len(df)))
     return df.iloc[np.argsort(key, kind="stable")].reset_index(drop=True)
 
 
-def project_trace(result: StraceResult) -> pd.DataFrame:
+def project_trace(result: TraceResult) -> pd.DataFrame:
     """Way 1: which heads and MLPs a token-level trace uses at each of its sizes.
 
     One row per (stratum, component): ``size``, ``stratum``, ``component`` (``L3H7``/``MLP3``),
@@ -55,7 +55,7 @@ def project_trace(result: StraceResult) -> pd.DataFrame:
     >>> df = project_trace(ts.strace(model, text))                          # doctest: +SKIP
     >>> df[(df["size"] == 1e-3) & df["used"]][["component", "share"]]       # doctest: +SKIP
     """
-    if result.config.get("granularity", "token") != "token":
+    if not isinstance(result, StraceResult):
         raise InputError("project_trace projects a token-level trace (tl_strace.strace) onto components; this "
                          "result is already component-level (see component_table).")
     layout: EdgeLayout = result.layout

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from tl_strace import options
-from tl_strace.components.ablate import Ablation, _component_hooks, component_logprobs
+from tl_strace.components.ablate import Ablation, ComponentMasks, component_logprobs
 from tl_strace.components.space import ABLATIONS, ComponentSpace
 from tl_strace.errors import InputError
 from tl_strace.mean import MEAN_POSITIONS
@@ -50,7 +50,6 @@ def score_l1(ctx: _Context) -> tuple[Tensor, Tensor]:
     """The ``"l1"`` scorer (module docstring): local L1 weight of each component's removable
     contribution, averaged over the positions that reach the output."""
     run, spec = ctx.run, ctx.spec
-    L, T = spec.n_layers, run.tokens.numel()
     z = run.z  # [L, T, H, dh]
     mlp = run.mlp_out
     if ctx.abl.z is not None:
@@ -59,14 +58,10 @@ def score_l1(ctx: _Context) -> tuple[Tensor, Tensor]:
     # [L, T, H, d]; in sandwich / post-norm blocks through the post-attention norm linearised at the
     # clean run (what the block adds to the stream for each head), as in the token-level graph
     heads = run.attn_post_norm(torch.einsum("lthd,lhdm->lthm", z, run.W_O))
-    resid_pre, resid_mid = run.resid_pre.clone(), run.resid_mid.clone()
-    mlp = mlp.clone()
-    # Last block, last position: through the final norm linearised at the clean run.
-    f = run.final_norm
-    heads[L - 1, T - 1] = f(heads[L - 1, T - 1])
-    resid_pre[L - 1, T - 1] = f(resid_pre[L - 1, T - 1])
-    resid_mid[L - 1, T - 1] = f(resid_mid[L - 1, T - 1])
-    mlp[L - 1, T - 1] = f(mlp[L - 1, T - 1])
+    # The last block through the final norm linearised at the clean run, as in the token-level graph
+    # (only its last position is read: _relevant_mean).
+    heads, mlp = run.normalise_last_block(heads), run.normalise_last_block(mlp)
+    resid_pre, resid_mid = run.normalise_last_block(run.resid_pre), run.normalise_last_block(run.resid_mid)
     a = heads.abs().sum(-1)  # [L, T, H]
     m = mlp.abs().sum(-1)  # [L, T]
     tot_a = resid_pre.abs().sum(-1) + a.sum(-1)
@@ -83,14 +78,13 @@ def score_l1(ctx: _Context) -> tuple[Tensor, Tensor]:
 def score_attribution(ctx: _Context) -> tuple[Tensor, Tensor]:
     """The ``"attribution"`` scorer (module docstring): ``−∂ KL(p_full ‖ p_m) / ∂m`` at
     ``m = attribution_point`` for every component, from one forward and one backward pass."""
-    point = float(ctx.options.get("attribution_point", 0.5))
+    point = float(ctx.options["attribution_point"])
     C = ctx.space.size
     device = ctx.tokens.device
     m = torch.full((1, C), point, dtype=torch.float32, device=device, requires_grad=True)
-    abl = ctx.abl.to(device, model_dtype(ctx.model))
+    masks = ComponentMasks(ctx.spec, ctx.space, m, ctx.abl, device=device, dtype=model_dtype(ctx.model))
     with torch.enable_grad():
-        hooks = _component_hooks(ctx.spec, ctx.space.grid(m), abl)
-        logits = run_hooked(ctx.model, ctx.tokens[None], hooks, backend=ctx.spec.backend)
+        logits = run_hooked(ctx.model, ctx.tokens[None], masks.hooks(0, 1), backend=ctx.spec.backend)
         logp = torch.log_softmax(logits.float(), dim=-1)
         div = kl_divergence(ctx.full, logp).sum()
         (grad,) = torch.autograd.grad(div, m)
@@ -149,15 +143,22 @@ class ComponentOptions(options.CommonOptions):
     mean_positions: Any = "agnostic"
     per_position: Any = False
     greedy_steps: Any = None
-    attribution_point: Any = 0.5
+    attribution_point: Any = None
 
     def __post_init__(self) -> None:
         scorer = options.check_choice("scorer", self.scorer, COMPONENT_SCORERS)
         super().__post_init__()
-        point = options.check_float("attribution_point", self.attribution_point)
-        if not 0.0 < point < 1.0 and scorer == "attribution":
-            raise InputError(f"attribution_point must lie strictly between 0 and 1 (KL has no gradient at the full "
-                             f"model, m = 1); got {point}.")
+        # Scorer settings apply to their scorer only, and are refused elsewhere rather than ignored.
+        point = None if self.attribution_point is None else options.check_float("attribution_point",
+                                                                                self.attribution_point)
+        if point is not None and scorer != "attribution":
+            raise InputError(f"attribution_point applies to scorer='attribution' only (scorer is {scorer!r}); "
+                             "leave it None.")
+        if scorer == "attribution":
+            point = 0.5 if point is None else point
+            if not 0.0 < point < 1.0:
+                raise InputError(f"attribution_point must lie strictly between 0 and 1 (KL has no gradient at the "
+                                 f"full model, m = 1); got {point}.")
         steps = options.check_int("greedy_steps", self.greedy_steps, minimum=1, optional=True)
         if steps is not None and scorer != "greedy":
             raise InputError(f"greedy_steps applies to scorer='greedy' only (scorer is {scorer!r}); leave it None.")

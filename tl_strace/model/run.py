@@ -78,6 +78,16 @@ class CleanRun:
             u = u - u.mean(dim=-1, keepdim=True)
         return u / self.final_scale * self.norm_w
 
+    def normalise_last_block(self, x: Float[Tensor, "layer *rest d_model"]) -> Float[Tensor, "layer *rest d_model"]:
+        """A copy of ``x`` with its last block's vectors through :meth:`final_norm`: what the output
+        node reads from the last block is the normalised stream (METHOD.md §1), so every vector there
+        (edge sources, node vectors, component contributions) is measured after the linearised norm.
+        Only the last position of the last block reaches the output; the others are normalised too,
+        harmlessly (nothing reads them)."""
+        x = x.clone()
+        x[-1] = self.final_norm(x[-1])
+        return x
+
 
 def clean_run(model: Any, spec: ModelSpec, tokens: Int[Tensor, "pos"]) -> CleanRun:
     """One forward pass on ``tokens`` that records what the graph needs (no gradients).

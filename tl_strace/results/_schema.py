@@ -4,7 +4,6 @@ counts, checked on load (:meth:`StraceResult.validate`); the format version."""
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 from typing import Any
 
 import torch
@@ -17,10 +16,10 @@ from tl_strace.search import NOT_IN_ANY, check_sizes, target_counts
 from tl_strace.store import SchemaViolation
 
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
-_READABLE_VERSIONS = (1, FORMAT_VERSION)
+_READABLE_VERSIONS = (1, 2, FORMAT_VERSION)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,17 +142,18 @@ def _check_result(res: Any) -> None:
         raise _Bad("conditions", f"must be distinct names from {list(CONDITIONS)} including 'only', got {conds!r}")
     C = len(conds)
     # ---- strata
-    if not _is_int(res.n_edges) or res.n_edges < 1:
-        raise _Bad("n_edges", f"must be a positive integer, got {res.n_edges!r}")
-    E = res.n_edges
+    n_name, scores_name = ("n_components", "scores") if component else ("n_edges", "weights")
+    E = getattr(res, n_name, None)
+    if not _is_int(E) or E < 1:
+        raise _Bad(n_name, f"must be a positive integer, got {E!r}")
     if component:
         if "n_components" in cfg and cfg["n_components"] != E:
-            raise _Bad("n_edges", f"is {E} but config.n_components is {cfg['n_components']!r}")
+            raise _Bad(n_name, f"is {E} but config.n_components is {cfg['n_components']!r}")
         size = E
     else:
         layout = EdgeLayout(int(m["n_layers"]), int(m["n_heads"]), T, parallel=m.get("block_kind") == "parallel")
         if E != layout.n_edges_formula():
-            raise _Bad("n_edges", f"is {E} but a {m['n_layers']}-layer, {m['n_heads']}-head graph over {T} "
+            raise _Bad(n_name, f"is {E} but a {m['n_layers']}-layer, {m['n_heads']}-head graph over {T} "
                                   f"tokens has {layout.n_edges_formula()} edges")
         size = layout.size
     sizes = _tensor(res, "sizes", _FLOAT_DTYPES, ndim=1)
@@ -172,10 +172,9 @@ def _check_result(res: Any) -> None:
     counts = _tensor(res, "counts", _INT_DTYPES, shape=(K,))
     c = counts.long()
     if bool((c < 0).any()) or bool((c[1:] < c[:-1]).any()) or int(c[-1]) != E:
-        raise _Bad("counts", f"must be non-decreasing edge counts ending at n_edges = {E}, got {c.tolist()}")
+        raise _Bad("counts", f"must be non-decreasing counts ending at {n_name} = {E}, got {c.tolist()}")
     if method == "strace" or component:
-        want = (target_counts(s.tolist(), E) if method == "strace" else
-                [min(E, math.floor(Fraction(repr(float(x))) * E + Fraction(1, 10**9))) for x in s.tolist()])
+        want = target_counts(s.tolist(), E)
         slack = 0 if sizes.dtype == torch.float64 else 1  # float32 sizes: floor(σ·|E|) may move by one
         if any(abs(a - b) > slack for a, b in zip(c.tolist(), want)):
             raise _Bad("counts", f"are {c.tolist()} but sizes {s.tolist()} of {E} edges give {want}")
@@ -255,7 +254,7 @@ def _check_result(res: Any) -> None:
     # ---- the trace over the edge space
     labels = _tensor(res, "labels", _INT_DTYPES, shape=(size,))
     rank = _tensor(res, "rank", _INT_DTYPES, shape=(size,))
-    weights = _tensor(res, "weights", _FLOAT_DTYPES, shape=(size,))
+    weights = _tensor(res, scores_name, _FLOAT_DTYPES, shape=(size,))
     lab, rk = labels.long(), rank.long()
     if component:
         inside = torch.ones(size, dtype=torch.bool)
@@ -280,4 +279,4 @@ def _check_result(res: Any) -> None:
         raise _Bad("rank", "disagrees with labels (stratum k must be the first counts[k] edges of the search)")
     if bool(torch.isinf(weights).any()) or (not component and bool(torch.isnan(weights).any())):
         # component scores are NaN for components a stopped greedy search never scored
-        raise _Bad("weights", "must be finite")
+        raise _Bad(scores_name, "must be finite")

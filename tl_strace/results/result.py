@@ -1,15 +1,15 @@
-""":class:`StraceResult`: everything one trace measured, its curves and tables, safetensors storage, and the
-display methods the views plug into (:func:`register_view`)."""
+""":class:`TraceResult`, the base of the result type of each granularity (:mod:`.token`,
+:mod:`.component`): everything one trace measured, its curves and tables, safetensors storage, and
+the display methods the views plug into (:func:`register_view`)."""
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from jaxtyping import Bool, Float, Int
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import pandas as pd
 import torch
@@ -17,32 +17,42 @@ from torch import Tensor
 
 from tl_strace.density import RECOVERY_LEVELS, auc_linear, auc_log, recovery_sizes, size_at_tolerance
 from tl_strace.errors import InputError, ResultsError, StraceError
-from tl_strace.graph import EdgeLayout
+from tl_strace.metrics import clean_summary
 from tl_strace.results._schema import FORMAT_VERSION, _Bad, _READABLE_VERSIONS, _check_result
-from tl_strace.results.subgraph import Subgraph
-from tl_strace.search import target_counts
 from tl_strace.store import as_path, read_tensors, schema_checked, write_tensors
 
 
-@dataclass(frozen=True)
-class StraceResult:
-    """Everything one s-Trace (or threshold/nucleus) run measured on one input.
+#: The result type of each granularity (``config["granularity"]``), for :meth:`TraceResult.load`;
+#: each subclass registers itself by its ``GRANULARITY``.
+_BY_GRANULARITY: dict[str, type["TraceResult"]] = {}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TraceResult:
+    """What every trace of one input measured, whatever its nodes: the shared base of
+    :class:`StraceResult` (token edges) and :class:`ComponentResult` (heads and MLPs).
 
     Curves are ``[condition, stratum]`` tensors; ``conditions`` names the rows (``"only"``, then any
-    of ``"random"``, ``"inverse"``). ``sizes`` is the x-axis (target σ for s-Trace, realised
-    size for threshold/nucleus); ``counts`` the edges in each stratum; the last stratum is the full
-    graph. ``labels``/``rank``/``weights`` describe the trace over the flat edge space (see
-    :class:`tl_strace.graph.EdgeLayout`) and back :meth:`subgraph`.
+    of ``"random"``, ``"inverse"``). ``sizes`` is the x-axis (target σ for s-Trace and components,
+    realised size for threshold/nucleus); ``counts`` the edges (components) in each stratum; the
+    last stratum is the whole model. Each subclass adds the trace itself over its own units
+    (``labels``, ``rank`` and the ranking scores), so no field changes meaning with a flag.
 
     The convenience properties (``tv``, ``nucleus``, ``density``, ...) read the ``"only"`` row.
+    :meth:`TraceResult.load` reads a file of either granularity.
     """
+
+    #: ``config["granularity"]`` of this type, the unit its counts count, and the names of its
+    #: trace fields (labels, rank, scores) — set by each subclass.
+    GRANULARITY: ClassVar[str] = ""
+    UNIT: ClassVar[str] = ""
+    _TRACE: ClassVar[tuple[str, str, str, str]] = ("", "", "", "")  # n_total, labels, rank, scores
 
     model: dict[str, Any]
     config: dict[str, Any]
     str_tokens: list[str]
     tokens: Int[Tensor, "pos"]
     target: int | None
-    n_edges: int
     conditions: tuple[str, ...]
     sizes: Float[Tensor, "stratum"]
     counts: Int[Tensor, "stratum"]
@@ -63,10 +73,21 @@ class StraceResult:
     full_entropy: float
     full_ce: float
     full_target_rank: float
-    labels: Int[Tensor, "edge"]
-    rank: Int[Tensor, "edge"]
-    weights: Float[Tensor, "edge"]
     timings: dict[str, float] = field(default_factory=dict)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.GRANULARITY:
+            _BY_GRANULARITY[cls.GRANULARITY] = cls
+
+    @classmethod
+    def _migrate(cls, meta: dict[str, Any], tensors: dict[str, Tensor], version: int) -> None:
+        """Rename, in place, the fields an older format (``version``) stored under other names."""
+
+    @property
+    def n_total(self) -> int:
+        """How many units (edges, components) the whole model has: the last stratum's count."""
+        return int(getattr(self, self._TRACE[0]))
 
     # ---------------------------------------------------------------- curves of the trace itself
     def _row(self, name: str) -> int:
@@ -100,11 +121,6 @@ class StraceResult:
     def kl(self) -> Float[Tensor, "stratum"]:
         return self.curve("kl")
 
-    @property
-    def layout(self) -> EdgeLayout:
-        return EdgeLayout(int(self.model["n_layers"]), int(self.model["n_heads"]), len(self.str_tokens),
-                          parallel=self.model.get("block_kind") == "parallel")
-
     # ---------------------------------------------------------------- density
     @property
     def density(self) -> float:
@@ -134,7 +150,7 @@ class StraceResult:
                     "condition": cond,
                     "size": float(self.sizes[k]),
                     "param": float(self.params[k]),
-                    "n_edges": int(self.counts[k]),
+                    f"n_{self.UNIT}": int(self.counts[k]),
                     "tv": float(self.tv_all[c, k]),
                     "kl": float(self.kl_all[c, k]),
                     "nucleus": float(self.nucleus_all[c, k]),
@@ -158,51 +174,17 @@ class StraceResult:
             "full_top_token": self.full_top_strs[0],
             "full_ce": self.full_ce,
             "n_tokens": len(self.str_tokens),
-            "n_edges": self.n_edges,
+            f"n_{self.UNIT}": self.n_total,
         }
 
-    # ---------------------------------------------------------------- subgraphs
-    def _stratum(self, s: float) -> int | None:
-        for k, v in enumerate(self.sizes.tolist()):
-            if math.isclose(v, s, rel_tol=1e-9, abs_tol=0.0):
-                return k
-        return None
-
-    def subgraph(self, s: float) -> Subgraph:
-        """The edges kept at size ``s``: a computed stratum, or (s-Trace only) any s up to the
-        largest partial stratum, as the first ``floor(s·|E|)`` edges the search took."""
-        if self.config.get("granularity", "token") == "component":
-            raise InputError(
-                "subgraph() returns token-level edges; this result is component-level (its strata are sets of "
-                "heads and MLPs). Use tl_strace.components.component_table(result) and keep the rows with "
-                "first_size <= s."
-            )
-        if not (0.0 < float(s) <= 1.0):
-            raise InputError(f"Size must lie in (0, 1]; got {s}.")
-        k = self._stratum(float(s))
-        if k is not None:
-            mask = self.labels <= k
-            size = float(self.sizes[k])
-        elif self.config.get("method") == "strace" and float(s) <= float(self.sizes[-2] if len(self.sizes) > 1 else 0):
-            n = target_counts([float(s)], self.n_edges)[0]
-            mask = (self.rank >= 0) & (self.rank < n)
-            size = float(s)
-        else:
-            raise InputError(f"No stratum at s = {s}; this result has sizes {[float(x) for x in self.sizes]}.")
-        ids = torch.nonzero(mask).flatten()
-        ids = ids[torch.argsort(self.rank[ids], stable=True)]
-        d = self.layout.decode(ids)
-        return Subgraph(
-            size=size, n_edges_total=self.n_edges, n_layers=int(self.model["n_layers"]),
-            n_heads=int(self.model["n_heads"]), str_tokens=list(self.str_tokens), edge_id=ids,
-            type=d["type"], layer=d["layer"], head=d["head"], target=d["target"], source=d["source"],
-            weight=self.weights[ids], rank=self.rank[ids],
-        )
-
     # ---------------------------------------------------------------- storage
-    _TENSORS = ("tokens", "sizes", "counts", "params", "tv_all", "kl_all", "nucleus_all", "entropy_all", "ce_all",
-                "target_rank_all", "reaches_input_all", "top_ids", "top_probs", "full_top_ids", "full_top_probs",
-                "labels", "rank", "weights")
+    _TENSORS: ClassVar[tuple[str, ...]] = (
+        "tokens", "sizes", "counts", "params", "tv_all", "kl_all", "nucleus_all", "entropy_all", "ce_all",
+        "target_rank_all", "reaches_input_all", "top_ids", "top_probs", "full_top_ids", "full_top_probs")
+
+    @classmethod
+    def _tensor_fields(cls) -> tuple[str, ...]:
+        return cls._TENSORS + cls._TRACE[1:]
 
     def save(self, path: str | os.PathLike) -> None:
         """Write to one ``.safetensors`` file: tensors as tensors, the rest as JSON metadata.
@@ -212,11 +194,11 @@ class StraceResult:
         :class:`~tl_strace.fsutil.OutputPathError`. The file carries a SHA-256 checksum of its
         content, verified by :meth:`load`.
         """
-        tensors = {n: getattr(self, n).contiguous().cpu() for n in self._TENSORS}
+        tensors = {n: getattr(self, n).contiguous().cpu() for n in self._tensor_fields()}
         tensors["labels"] = tensors["labels"].clamp(max=torch.iinfo(torch.int32).max).to(torch.int32)
         tensors["rank"] = tensors["rank"].to(torch.int32)
         tensors["reaches_input_all"] = tensors["reaches_input_all"].to(torch.uint8)
-        meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._TENSORS}
+        meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._tensor_fields()}
         meta["conditions"] = list(self.conditions)
         meta["format_version"] = FORMAT_VERSION
         write_tensors(path, tensors, "tl_strace", meta, what="tl_strace result file")
@@ -230,20 +212,29 @@ class StraceResult:
         every file, so an edited file cannot load as a plausible result even if its checksum was
         recomputed. Linear in the number of edge slots (tens of milliseconds for SmolLM2 at 100 tokens).
         """
+        gran = self.config.get("granularity", "token") if isinstance(self.config, dict) else None
+        if gran != self.GRANULARITY:
+            raise ResultsError(f"This {type(self).__name__} is inconsistent: config.granularity is {gran!r}, but a "
+                               f"{type(self).__name__} is {self.GRANULARITY!r}-level.")
         try:
             _check_result(self)
         except _Bad as e:
-            raise ResultsError(f"This StraceResult is inconsistent: {e}.") from e
+            raise ResultsError(f"This {type(self).__name__} is inconsistent: {e}.") from e
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "StraceResult":
+    def load(cls, path: str | os.PathLike) -> "TraceResult":
         """Read a result written by :meth:`save` (no code is executed: safetensors + JSON), checked.
 
-        The file's SHA-256 checksum is verified (a file modified or damaged after it was written is
-        refused), then its schema with :meth:`validate`. Files written before checksums existed
-        (the 0.1.0 release, format 1) have none: they load when their schema is valid; a format-2
-        file without its checksum is refused. Every problem is a :class:`ResultsError` naming the
-        file and the field; a ``path`` that is not a ``str``/``os.PathLike`` is an :class:`InputError`.
+        ``TraceResult.load`` returns the file's own type (:class:`StraceResult` or
+        :class:`ComponentResult`, by its ``config["granularity"]``); ``StraceResult.load`` /
+        ``ComponentResult.load`` refuse a file of the other granularity. The file's SHA-256
+        checksum is verified (a file modified or damaged after it was written is refused), then its
+        schema with :meth:`validate`. Files written before checksums existed (the 0.1.0 release,
+        format 1) have none: they load when their schema is valid; a later file without its checksum
+        is refused. Component files of formats 1–2 (one result type for both granularities, whose
+        ``n_edges``/``weights`` held the component count and scores) load as
+        :class:`ComponentResult`. Every problem is a :class:`ResultsError` naming the file and the
+        field; a ``path`` that is not a ``str``/``os.PathLike`` is an :class:`InputError`.
         """
         path = as_path(path, "tl_strace result file")
         meta, tensors = read_tensors(path, "tl_strace", what="tl_strace result file",
@@ -252,9 +243,18 @@ class StraceResult:
         if isinstance(version, bool) or version not in _READABLE_VERSIONS:
             raise ResultsError(f"{path!r} was written by an incompatible tl_strace version.")
         with schema_checked(path, "tl_strace result", "recompute it or restore an intact copy"):
-            names = {f.name for f in fields(cls)} - set(cls._TENSORS)
+            cfg = meta.get("config")
+            gran = cfg.get("granularity", "token") if isinstance(cfg, dict) else None
+            kind = _BY_GRANULARITY.get(gran) if isinstance(gran, str) else None
+            if kind is None:
+                raise _Bad("config.granularity", f"is {gran!r}, not one of {list(_BY_GRANULARITY)}")
+            if cls is not TraceResult and kind is not cls:
+                raise ResultsError(f"{path!r} holds a {gran}-level result ({kind.__name__}), not a "
+                                   f"{cls.__name__}; load it with {kind.__name__}.load or TraceResult.load.")
+            kind._migrate(meta, tensors, version)
+            names = {f.name for f in fields(kind)} - set(kind._tensor_fields())
             for what, have, want, optional in (("metadata", set(meta), names, {"timings"}),
-                                               ("tensors", set(tensors), set(cls._TENSORS), set())):
+                                               ("tensors", set(tensors), set(kind._tensor_fields()), set())):
                 if want - optional - have:
                     raise _Bad(", ".join(sorted(want - optional - have)), f"is missing from the {what}")
                 if have - want:
@@ -272,11 +272,11 @@ class StraceResult:
             meta["conditions"] = tuple(meta["conditions"])
             meta.setdefault("timings", {})
             _check_result(SimpleNamespace(**meta, **tensors))  # before construction (its type hints)
-        return cls(**meta, **tensors)
+        return kind(**meta, **tensors)
 
     def __repr__(self) -> str:
-        return (f"StraceResult(model={self.model.get('name')!r}, tokens={len(self.str_tokens)}, "
-                f"edges={self.n_edges}, method={self.config.get('method')!r}, strata={len(self.sizes)}, "
+        return (f"{type(self).__name__}(model={self.model.get('name')!r}, tokens={len(self.str_tokens)}, "
+                f"{self.UNIT}={self.n_total}, method={self.config.get('method')!r}, strata={len(self.sizes)}, "
                 f"density={self.density:.4f}, full_top={self.full_top_strs[0]!r})")
 
     # ---------------------------------------------------------------- views
@@ -315,6 +315,26 @@ class StraceResult:
     def plot_shares(self) -> Any:
         """A matplotlib figure of the shares of attention/MLP/residual edges and of 4 layer groups vs s."""
         return _view("plot_shares")(self)
+
+
+def measured_fields(model: Any, tokens: Int[Tensor, "pos"], target: int | None, metrics: dict[str, Tensor],
+                    clean: Float[Tensor, "vocab"], top_k: int) -> dict[str, Any]:
+    """The fields every granularity fills the same way: the input, the curves and top tokens from
+    :func:`tl_strace.engine.evaluate`'s ``metrics`` (``[condition, stratum]``), and the clean
+    model's own numbers (:func:`tl_strace.metrics.clean_summary`); token strings from ``model``."""
+    from tl_strace.model import str_tokens
+
+    clean_fields = clean_summary(clean, target, top_k)
+    top_ids = metrics["ids"]
+    C, K = int(top_ids.shape[0]), int(top_ids.shape[1])
+    return {
+        "str_tokens": str_tokens(model, tokens.cpu()), "tokens": tokens.cpu(), "target": target,
+        "tv_all": metrics["tv"], "kl_all": metrics["kl"], "nucleus_all": metrics["nucleus"],
+        "entropy_all": metrics["entropy"], "ce_all": metrics["ce"], "target_rank_all": metrics["rank"],
+        "top_ids": top_ids, "top_probs": metrics["probs"],
+        "top_strs": [[str_tokens(model, top_ids[c, k]) for k in range(K)] for c in range(C)],
+        **clean_fields, "full_top_strs": str_tokens(model, clean_fields["full_top_ids"]),
+    }
 
 
 #: Renderers by name, registered by :mod:`tl_strace.views` on import (see :func:`register_view`).

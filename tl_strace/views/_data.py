@@ -79,7 +79,7 @@ class ComponentStats:
 
 def is_token_level(res: StraceResult) -> bool:
     """Whether ``res`` is a token-level trace (labels over the flat edge space), as views need."""
-    return res.config.get("granularity", "token") == "token" and int(res.labels.numel()) == res.layout.size
+    return isinstance(res, StraceResult) and int(res.labels.numel()) == res.layout.size
 
 
 def require_token_level(res: StraceResult, what: str) -> None:

@@ -14,15 +14,21 @@ Everything user- or tokenizer-provided reaches a page through exactly two doors:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import html
 import json
 import math
 import os
+import re
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["HTMLView", "content_id", "esc", "page", "round_sig", "script_json"]
+__all__ = ["HTMLView", "content_id", "esc", "n_of", "page", "render_id", "round_sig", "script_json", "stable_ids",
+           "title_text"]
 
 
 def esc(text: object) -> str:
@@ -55,6 +61,30 @@ def script_json(obj: Any) -> str:
     return text
 
 
+def n_of(n: "int | Any", unit: str = "edge") -> str:
+    """``n`` (an int or a 0-d tensor) with thousands separators and ``unit`` plural unless ``n`` is 1.
+
+    >>> n_of(1), n_of(0), n_of(12345), n_of(1, "component")
+    ('1 edge', '0 edges', '12,345 edges', '1 component')
+    """
+    n = int(n)
+    return f"{n:,} {unit}" if n == 1 else f"{n:,} {unit}s"
+
+
+_SPECIAL_TOKEN = re.compile(r"^\s*(<\|[^<>|]*\|>|<(s|/s|bos|eos|pad|unk|start_of_turn|end_of_turn|endoftext)>)\s*$",
+                            re.IGNORECASE)
+
+
+def title_text(tokens: list[str]) -> str:
+    """The tokens joined for a title, without tokenizer special tokens (``<|im_start|>``, ``<bos>``,
+    ``<s>``, ...), which say nothing about the text. Not escaped: :func:`esc` it for HTML.
+
+    >>> title_text(["<|im_start|>", "It", " is"])
+    'It is'
+    """
+    return "".join(t for t in tokens if not _SPECIAL_TOKEN.match(t))
+
+
 def round_sig(x: float, digits: int = 3) -> float | None:
     """``x`` rounded to ``digits`` significant digits (``None`` for NaN/inf): small, stable JSON.
 
@@ -82,6 +112,38 @@ def content_id(prefix: str, *parts: str) -> str:
     return f"{prefix}-{h.hexdigest()[:12]}"
 
 
+# Within one stable_ids() block, render_id numbers its ids 1, 2, 3, ... (a whole page: deterministic);
+# outside one, each id ends in a fresh random suffix (a notebook: outputs of many renders share one document).
+_STABLE_IDS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("tls_stable_ids", default=None)
+
+
+def render_id(prefix: str, *parts: str) -> str:
+    """An element id unique to this render: the content hash of :func:`content_id` plus a suffix.
+
+    In a notebook every display shares one document, so the same figure shown twice must not
+    give two elements one id (the second would stay blank): outside :func:`stable_ids` the suffix
+    is random (uuid4, 8 hex digits; also unique across kernel restarts, whose saved outputs stay
+    in the page); inside it, a counter from 1, so a standalone page is byte-identical for equal
+    content.
+    """
+    base = content_id(prefix, *parts)
+    scope = _STABLE_IDS.get()
+    if scope is None:
+        return f"{base}-{uuid.uuid4().hex[:8]}"
+    scope[0] += 1
+    return f"{base}-{scope[0]}"
+
+
+@contextlib.contextmanager
+def stable_ids() -> Iterator[None]:
+    """Number :func:`render_id`'s ids 1, 2, ... inside the block (one document, rendered once)."""
+    token = _STABLE_IDS.set([0])
+    try:
+        yield
+    finally:
+        _STABLE_IDS.reset(token)
+
+
 @dataclass(frozen=True)
 class HTMLView:
     """Self-contained HTML that Jupyter displays (``_repr_html_``) and that can be saved to a file.
@@ -93,9 +155,14 @@ class HTMLView:
     html: str
     title: str = ""
     fragment: bool = True
+    text: str = ""
+    """The key numbers as plain text: what ``repr`` (Jupyter's ``text/plain``) shows instead of the HTML."""
 
     def _repr_html_(self) -> str:
         return self.html
+
+    def __repr__(self) -> str:
+        return self.text or f"<HTMLView {self.title!r}: {len(self):,} bytes of HTML>"
 
     def __html__(self) -> str:
         return self.html

@@ -29,13 +29,14 @@ from typing import Any
 
 import torch
 
-from tl_strace.results import StraceResult
+from tl_strace.results import StraceResult, TraceResult
 from tl_strace.views._assets import circuit_css, circuit_js
 from tl_strace.views._data import component_stats, is_token_level, stratum_index, token_edges
-from tl_strace.views._html import HTMLView, content_id, esc, round_sig, script_json
+from tl_strace.views._html import HTMLView, esc, render_id, round_sig, script_json
 from tl_strace.views.curves import curves_svg
+from tl_strace.views.static import static_img_html
 
-__all__ = ["circuit_data", "circuit_view", "summary_html"]
+__all__ = ["circuit_data", "circuit_view", "summary_html", "summary_text"]
 
 DATA_VERSION = 1
 
@@ -114,13 +115,23 @@ def _fmt_s(s: float) -> str:
     return "n/a" if not math.isfinite(s) else f"{s:g}"
 
 
-def summary_html(res: StraceResult) -> str:
+def summary_text(res: TraceResult) -> str:
+    """The key numbers as plain text (a view's ``text/plain`` form): model, size, density, the full
+    model's top token, and the smallest s whose shared nucleus reaches each recovery level."""
+    rec = res.recovery_sizes()
+    levels = ", ".join(f"{lvl}%: {_fmt_s(v)}" for lvl, v in rec.items())
+    return (f"tl_strace view of {res.model.get('name', '')!s}: {len(res.str_tokens)} tokens, {res.n_total:,} "
+            f"{res.UNIT}, {res.config.get('method', '')} ({res.config.get('weights', '')} weights); density "
+            f"{res.density:.3f}; full model -> {res.full_top_strs[0]!r} (p {float(res.full_top_probs[0]):.3f}); "
+            f"smallest s reaching a shared nucleus of {levels}")
+
+
+def summary_html(res: TraceResult) -> str:
     """One escaped header line (model, sizes, density, full top token, recovery) and the input text."""
     rec = res.recovery_sizes()
     p = float(res.full_top_probs[0])
-    unit = "edges" if is_token_level(res) else "components"
     head = (f"<div class=\"tls-hd\"><b>{esc(res.model.get('name', ''))}</b> · {len(res.str_tokens)} tokens · "
-            f"{res.n_edges:,} {unit} · {esc(res.config.get('method', ''))} ({esc(res.config.get('weights', ''))} "
+            f"{res.n_total:,} {res.UNIT} · {esc(res.config.get('method', ''))} ({esc(res.config.get('weights', ''))} "
             f"weights) · <b>density {res.density:.3f}</b> (area under TV over log<sub>10</sub> s) · "
             f"full model → <b>{esc(repr(res.full_top_strs[0]))}</b> (p {p:.3f}, entropy {res.full_entropy:.2f} "
             f"nats) · top token recovered at s = {_fmt_s(rec.get(1, float('nan')))}</div>")
@@ -145,18 +156,26 @@ def circuit_view(res: StraceResult, *, s: float | None = None, max_edges: int = 
     Returns:
         An :class:`~tl_strace.views._html.HTMLView`; Jupyter displays it, ``.save(path)`` writes a page.
     """
-    if not is_token_level(res):
-        body = summary_html(res) + (curves_svg(res) if curves else "")
+    if not is_token_level(res):  # no script: the curves are the static picture itself
+        body = summary_html(res) + (static_img_html(res, grid=False).replace(
+            'class="tls-static-img"', 'class="tls-static-img tls-curves"') if curves else "")
         note = ('<p class="tls-note">This result is component-level (granularity '
                 f"{esc(res.config.get('granularity'))}): the circuit view draws token-level traces. See "
                 "<code>tl_strace.components.component_table(res)</code>.</p>")
-        vid = content_id("tls", body)
+        vid = render_id("tls", body)
         return HTMLView(f'<div class="tls-view tls-static" id="{vid}"><style>{circuit_css()}</style>{body}{note}</div>',
-                        title=f"tl_strace: {res.model.get('name', '')}")
+                        title=f"tl_strace: {res.model.get('name', '')}", text=summary_text(res))
     data = script_json(circuit_data(res, s=s, max_edges=max_edges, per_head=per_head))
-    vid = content_id("tls", data)
+    vid = render_id("tls", data)
     K = int(res.sizes.numel())
-    parts = [f'<div class="tls-view" id="{vid}" data-tls-circuit="{DATA_VERSION}">', f"<style>{circuit_css()}</style>", summary_html(res)]
+    parts = [f'<div class="tls-view" id="{vid}" data-tls-circuit="{DATA_VERSION}">', f"<style>{circuit_css()}</style>",
+             summary_html(res),
+             # What shows where scripts do not run (an untrusted notebook, a preview, print): a PNG of
+             # the curves and the component grid; the script hides it and shows the live view below.
+             static_img_html(res, stratum_index(res, s)),
+             '<div class="tls-note tls-static-note">A static picture: where scripts run (a trusted notebook, '
+             'the saved page), the curves and the circuit are interactive.</div>',
+             '<div class="tls-live" hidden>']
     if curves:
         parts.append(curves_svg(res))
     parts.append(
@@ -172,8 +191,8 @@ def circuit_view(res: StraceResult, *, s: float | None = None, max_edges: int = 
         '<div class="tls-note tls-tgnote">The circuit needs JavaScript.</div></div></div>'
         '<div><div class="tls-pt tls-selt"></div><svg class="tls-head" xmlns="http://www.w3.org/2000/svg" '
         'width="10" height="10"></svg><div class="tls-note tls-headnote"></div></div>'
-        '<div class="tls-tip"></div>'
+        '<div class="tls-tip"></div></div>'
     )
     parts.append(f'<script type="application/json" class="tls-data">{data}</script>')
     parts.append(f"<script>{circuit_js()}</script></div>")
-    return HTMLView("".join(parts), title=f"tl_strace: {res.model.get('name', '')}")
+    return HTMLView("".join(parts), title=f"tl_strace: {res.model.get('name', '')}", text=summary_text(res))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from tl_strace.results import StraceResult
-from tl_strace.views._html import esc
+from tl_strace.views._html import esc, n_of
 
 __all__ = ["CONDITION_STYLES", "PHASES", "curves_svg"]
 
@@ -87,7 +87,7 @@ def _panel(res: StraceResult, metric: str, x0: float, y0: float, w: float, h: fl
                 if not math.isfinite(v):
                     continue
                 out.append(f'<circle cx="{_f(X(s))}" cy="{_f(Y(v))}" r="2.2" fill="{colour}"><title>'
-                           f'{esc(cond)} · s = {s:g} ({n:,} edges) · {metric} = {v:.4g}</title></circle>')
+                           f'{esc(cond)} · s = {s:g} ({n_of(n)}) · {metric} = {v:.4g}</title></circle>')
     xs = ",".join(_f(X(s)) for s in sizes)
     out.append(f'<line class="tls-marker" data-xs="{xs}" x1="{_f(ax1)}" x2="{_f(ax1)}" y1="{_f(ay0)}" '
                f'y2="{_f(ay1)}" stroke="#7c3aed" stroke-width="1.5" visibility="hidden"/>')

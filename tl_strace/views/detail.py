@@ -33,7 +33,7 @@ from torch import Tensor
 from tl_strace.errors import InputError
 from tl_strace.results import StraceResult
 from tl_strace.views._data import component_stats, is_token_level, stratum_index
-from tl_strace.views._html import HTMLView, content_id, esc, round_sig, script_json
+from tl_strace.views._html import HTMLView, esc, n_of, render_id, round_sig, script_json
 
 __all__ = [
     "CircuitsvisFigure",
@@ -87,6 +87,10 @@ class CircuitsvisFigure:
     def _repr_html_(self) -> str:
         return figures_html([self])
 
+    def __repr__(self) -> str:  # the props run to tens of kB: Jupyter's text/plain shows this line instead
+        what = f"circuitsvis {self.component}" if self.component else "empty figure"
+        return f"<CircuitsvisFigure ({what}): {self.title}>"
+
     def save(self, path: str | os.PathLike) -> str:
         """Write a standalone page holding this figure."""
         return HTMLView(figures_html([self]), title=self.title).save(path)
@@ -95,7 +99,8 @@ class CircuitsvisFigure:
 def figures_html(figures: list[CircuitsvisFigure], *, bundle: bool = True) -> str:
     """HTML for several circuitsvis figures with the bundle inlined at most once.
 
-    Element ids are derived from each figure's content, so equal figures give equal HTML. With
+    Element ids are unique per render (:func:`~tl_strace.views._html.render_id`: a content hash and a
+    fresh suffix, numbered instead inside :func:`~tl_strace.views._html.stable_ids`). With
     ``bundle=False`` the caller promises the page already loads the bundle before these scripts.
     Empty figures (:attr:`CircuitsvisFigure.empty`) render as their title and note, with no script;
     the bundle is left out when every figure is empty.
@@ -109,7 +114,7 @@ def figures_html(figures: list[CircuitsvisFigure], *, bundle: bool = True) -> st
                          f'<div class="tls-note">{esc(fig.note)}</div></div>')
             continue
         props = script_json(fig.props)
-        fid = content_id("tls-cv", fig.component, props, str(i))
+        fid = render_id("tls-cv", fig.component, props, str(i))  # fresh per render: a figure shown twice works
         parts.append(f'<div class="tls-cv"><div class="tls-pt"><b>{esc(fig.title)}</b></div>'
                      f'<div class="tls-note">{esc(fig.note)}</div><div id="{fid}"></div>'
                      f'<script>CircuitsVis.render("{fid}", CircuitsVis.{fig.component}, {props});</script></div>')
@@ -160,7 +165,7 @@ def attention_patterns(res: StraceResult, patterns: Float[Tensor, "layer head po
                                  note=f"No attention edges at s = {size:g}; choose a larger s{hint}.")
     att = torch.stack([kept[c // H, c % H] for c in heads]) if heads else torch.zeros(0, st.token_flow.shape[1],
                                                                                         st.token_flow.shape[1])
-    names = [f"L{c // H}H{c % H} ({int(st.n_edges[k, c])} edges)" for c in heads]
+    names = [f"L{c // H}H{c % H} ({n_of(st.n_edges[k, c])})" for c in heads]
     values = [[[round_sig(v, 3) for v in row] for row in head] for head in att.tolist()]
     size = float(res.sizes[k])
     return CircuitsvisFigure(
@@ -185,7 +190,7 @@ def _as_html_text(tokens: list[str]) -> list[str]:
 
 
 def _size_labels(res: StraceResult) -> list[str]:
-    return [f"s = {float(s):g} ({int(n):,} edges)" for s, n in zip(res.sizes, res.counts)]
+    return [f"s = {float(s):g} ({n_of(n)})" for s, n in zip(res.sizes, res.counts)]
 
 
 def _flow_shares(flow: Float[Tensor, "*stratum pos"]) -> Float[Tensor, "*stratum pos"]:
@@ -224,6 +229,8 @@ def topk_tokens(res: StraceResult) -> CircuitsvisFigure:
     """circuitsvis ``topk_tokens``: the full model's top tokens beside each subgraph's, per size
     (the "Size" selector) and condition (the "Sample" selector)."""
     K = int(res.sizes.numel())
+    # Strata with no edge left out (the view opens on its first size: not on an empty subgraph).
+    ks = [k for k in range(K) if int(res.counts[k]) > 0] or list(range(K))
     conds = list(res.conditions)
     vocab: list[str] = []
     index: dict[str, int] = {}
@@ -239,7 +246,7 @@ def topk_tokens(res: StraceResult) -> CircuitsvisFigure:
     vals, idxs, bvals, bidxs = [], [], [], []
     for c in range(len(conds)):
         v_c, i_c = [], []
-        for k in range(K):
+        for k in ks:
             sub_i = [idx(t) for t in res.top_strs[c][k]]
             sub_p = [round_sig(float(p), 3) for p in res.top_probs[c, k]]
             n = min(len(sub_i), len(full_i))
@@ -248,17 +255,18 @@ def topk_tokens(res: StraceResult) -> CircuitsvisFigure:
             i_c.append([[full_i[r], sub_i[r]] for r in range(n)])
         vals.append(v_c)
         idxs.append(i_c)
-        bvals.append([[] for _ in range(K)])
-        bidxs.append([[] for _ in range(K)])
+        bvals.append([[] for _ in ks])
+        bidxs.append([[] for _ in ks])
     tokens = [_as_html_text(vocab) for _ in conds]
     return CircuitsvisFigure(
         "TopkTokens",
         {"tokens": tokens, "topkVals": vals, "topkIdxs": idxs, "bottomkVals": bvals, "bottomkIdxs": bidxs,
          "firstDimensionName": "Size", "thirdDimensionName": "Model (0 = full, 1 = subgraph)",
-         "sampleLabels": conds, "firstDimensionLabels": _size_labels(res)},
+         "sampleLabels": conds, "firstDimensionLabels": [_size_labels(res)[k] for k in ks]},
         title="Top tokens: full model (column 0) and subgraph (column 1) per size",
         note="Sample: the condition (only = the trace alone; random; inverse = the model without the trace). "
-             "Values are next-token probabilities.")
+             "Values are next-token probabilities."
+             + (f" Sizes with no edge ({K - len(ks)}) are left out." if len(ks) < K else ""))
 
 
 def detail_views(res: StraceResult, s: float | None = None, *,
@@ -272,4 +280,5 @@ def detail_views(res: StraceResult, s: float | None = None, *,
             figs.append(attention_patterns(res, patterns, s, max_heads=max_heads))
         figs.append(colored_tokens(res))
     figs.append(topk_tokens(res))
-    return HTMLView(figures_html(figs), title=f"tl_strace details: {res.model.get('name', '')}")
+    return HTMLView(figures_html(figs), title=f"tl_strace details: {res.model.get('name', '')}",
+                    text="tl_strace detail views (circuitsvis): " + "; ".join(f.title for f in figs))

@@ -2,7 +2,8 @@
 
 Figures are built as ``matplotlib.figure.Figure`` objects on the Agg canvas, never through
 ``pyplot``: nothing global changes on import or on use (no backend switch, no style, no rcParams),
-and no figure is left registered with a GUI manager. Jupyter still displays the returned figures.
+and no figure is left registered with a GUI manager. Jupyter displays the returned figures as PNG
+with any backend, ``%matplotlib inline`` or not (:class:`tl_strace.views._figure.StraceFigure`).
 
 >>> fig = plot_curves(res)                                  # doctest: +SKIP
 >>> save_plots(res, "figures/austen")                       # doctest: +SKIP
@@ -37,9 +38,10 @@ def _plain(text: object) -> str:
 
 def _new_figure(width: float, height: float, ncols: int = 1) -> tuple[Any, Any]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), layout="constrained")
+    from tl_strace.views._figure import StraceFigure
+
+    fig = StraceFigure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, ncols, squeeze=False)[0]
     return fig, axes

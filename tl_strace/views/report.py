@@ -3,7 +3,7 @@ plots and the circuitsvis detail views — one HTML file with no network access.
 
 ``StraceResult.save_html(path)`` and ``tl-strace trace --html PATH`` write it.
 
-The page is deterministic for a given result (and matplotlib version): ids derive from content, the
+The page is deterministic for a given result (and matplotlib version): ids are numbered in page order, the
 inline SVG has a fixed hash salt and no date. Besides the collector of :func:`tl_strace.views._html.page`,
 a few lines record where the main panels were drawn (``data-tls-layout`` on ``<body>``) once the
 page has loaded, which lets a headless browser check the rendering without guessing coordinates.
@@ -19,7 +19,7 @@ from tl_strace.results import StraceResult
 from tl_strace.views._data import is_token_level
 from torch import Tensor
 
-from tl_strace.views._html import esc, page
+from tl_strace.views._html import esc, page, stable_ids, title_text
 from tl_strace.views.circuit import circuit_view
 
 __all__ = ["report_html", "save_report", "strata_table_html"]
@@ -85,8 +85,15 @@ def report_html(res: StraceResult, *, patterns: Tensor | None = None, s: float |
         plots: include the composition figure (matplotlib, inline SVG).
         max_edges, per_head: token-level edges embedded in the circuit view.
     """
+    with stable_ids():  # one document: ids numbered, so equal results give byte-identical pages
+        return _report_html(res, patterns=patterns, s=s, details=details, plots=plots, max_edges=max_edges,
+                            per_head=per_head)
+
+
+def _report_html(res: StraceResult, *, patterns: Tensor | None, s: float | None, details: bool, plots: bool,
+                 max_edges: int, per_head: int) -> str:
     name = str(res.model.get("name", ""))
-    tail = "".join(res.str_tokens[-8:])
+    tail = title_text(list(res.str_tokens))[-60:]  # the text's end, without special tokens; esc()'d below
     title = f"tl_strace · {name} · …{tail}"
     nav = ['<a href="#tls-circuit">circuit</a>', '<a href="#tls-table">per-size table</a>']
     body = [f"<h1>s-Trace of {esc(name)}: …{esc(tail)} → {esc(repr(res.full_top_strs[0]))}</h1>"]

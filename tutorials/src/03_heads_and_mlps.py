@@ -45,8 +45,10 @@ core.sort_values("weight", ascending=False).head(8)[["component", "n_edges", "n_
 #
 # `component_strace` treats each head and MLP as one node: size s is the fraction of the 300
 # components kept, the ranking comes from a scorer, and each stratum is evaluated by a masked
-# forward on the components' hook points (`attn.hook_z` per head, `hook_mlp_out`). The result has
-# the same type as before, so density, `to_dataframe()` and the views work unchanged.
+# forward on the components' hook points (`attn.hook_z` per head, `hook_mlp_out`). The result is a
+# `ComponentResult`, the component-level sibling of the token-level `StraceResult` over the same
+# base (`TraceResult`): density, `to_dataframe()`, save/load and the views work the same, and its
+# own fields say what they count (`n_components`, per-component `labels`, `rank` and `scores`).
 
 # %%
 SIZES = [k / 300 for k in (1, 2, 3, 5, 10, 20, 30, 60, 100, 150, 200, 250)]  # k components of 300

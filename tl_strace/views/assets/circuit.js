@@ -32,6 +32,7 @@
   function tok(s) { return s.replace(/\n/g, "\\n").replace(/\t/g, "\\t").replace(/\r/g, "\\r"); }
   function qt(s) { return "'" + tok(s) + "'"; }
   function num(n) { return n.toLocaleString("en-US"); }
+  function edges(n) { return num(n) + (n === 1 ? " edge" : " edges"); }  // "1 edge", "2 edges"
 
   function init(root) {
     root.setAttribute("data-tls-ready", "1");
@@ -116,7 +117,7 @@
         tips["c" + c] = function () {
           var k = state.k, n = compVal(D.cn, c, k);
           var lines = [D.names[c] + (n ? "" : "  (not in the trace at this s)"),
-            "s = " + fmtS(D.sizes[k]) + ": " + num(n) + " of " + num(D.ct[c]) + " edges",
+            "s = " + fmtS(D.sizes[k]) + ": " + num(n) + " of " + edges(D.ct[c]),
             "summed edge weight " + fmt(compVal(D.cw, c, k)) + " · flow " + fmt(compVal(D.cfl, c, k)),
             "enters the trace at s = " + (D.cf[c] < K ? fmtS(D.sizes[D.cf[c]]) : "never")];
           if (kindOf(c) < 2) lines.push("click: token-level edges");
@@ -322,7 +323,7 @@
       }
       var inTrace = compVal(D.cn, c, k);
       hsTitle.textContent = D.names[c] + " at s = " + fmtS(D.sizes[k]) + ": " + num(inTrace) + " of its " +
-                            num(D.ct[c]) + " edges are in the trace";
+                            edges(D.ct[c]) + (inTrace === 1 ? " is" : " are") + " in the trace";
       hsNote.textContent = c < NH
         ? "Drawing " + num(shown) + " of them: the page embeds this head's first " + num(D.perHead) +
           " edges by rank plus any among the page's first " + num(ng0) + " (" + num(emb) +
@@ -333,7 +334,7 @@
     // ---- slider, label, curve markers
     var markers = root.querySelectorAll(".tls-marker");
     function drawLabel() {
-      var k = state.k, parts = ["s = " + fmtS(D.sizes[k]), num(D.counts[k]) + " edges"];
+      var k = state.k, parts = ["s = " + fmtS(D.sizes[k]), edges(D.counts[k])];
       D.conds.forEach(function (cn, i) { parts.push("TV " + cn + " " + fmt(D.tv[i][k])); });
       parts.push("nucleus " + fmt(D.nuc[k]) + "%");
       parts.push("top token " + qt(D.top[k][0]) + " (p " + fmt(D.top[k][1]) + ")");
@@ -350,12 +351,23 @@
     state.sel = D.sel;
     slider.value = String(D.k0);
     update();
+    showLive(root);
+  }
+
+  // The static picture (a PNG for where scripts do not run) gives way to the live view once drawn.
+  function showLive(root) {
+    var live = root.querySelector(".tls-live");
+    if (live) live.hidden = false;
+    var still = root.querySelectorAll(".tls-static-img, .tls-static-note");
+    for (var j = 0; j < still.length; j++) still[j].hidden = true;
   }
 
   var roots = document.querySelectorAll(".tls-view[data-tls-circuit]:not([data-tls-ready])");
   for (var i = 0; i < roots.length; i++) {
     try { init(roots[i]); } catch (e) {
       roots[i].setAttribute("data-tls-error", String(e));
+      var live = roots[i].querySelector(".tls-live");
+      if (live) live.hidden = false;  // the error note is in the live part; the static picture stays
       var n = roots[i].querySelector(".tls-tgnote");
       if (n) n.textContent = "The circuit view failed: " + String(e);
       throw e;

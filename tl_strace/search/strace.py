@@ -1,0 +1,243 @@
+"""s-Trace's order (METHOD.md §3) found by sorting, with a heap only where edges tie.
+
+This docstring is the one account of the algorithm and of why it equals the plain heap; the
+functions below refer to its sections.
+
+**The definition** (:func:`~tl_strace.search.reference.reference_strace_order`). A max-heap holds
+the *frontier*, keyed on weight, ties broken by insertion order (earlier first). It starts with the
+output node's in-edges. Each popped edge joins the trace; the first time its source node is
+reached, that node's in-edges are pushed in canonical order (:mod:`tl_strace.search._rows`), each
+numbered by one global insertion counter. Stratum ``k`` is the first ``n_k`` edges popped.
+
+**§1 Bottleneck order.** Let ``B(v)`` be the widest-path value of node ``v``: the largest, over
+paths from the output node back to ``v``, of the smallest weight on the path (``B(output) = +inf``);
+equivalently ``B(v) = max b(g)`` over the edges ``g`` leaving ``v``. The *bottleneck* of an edge is
+``b(e) = min(B(target of e), w_e)`` (:func:`bottlenecks`: one max-min recursion per block over
+tensors). If the heap pops ``e_1, e_2, …`` then ``b(e_i) = min(w(e_1), …, w(e_i))``, the smallest
+weight popped so far:
+
+* ``≥``: ``e_1 … e_{i-1}`` contain a path from the output back to ``e_i``'s target (each target
+  was reached by an earlier pop), so ``B(target)`` and ``w(e_i)`` are both ``≥`` that minimum.
+* ``≤``: were ``b(e_i) > w(e_j)`` for some ``j < i``, then at step ``j`` the widest path to
+  ``e_i``'s target followed by ``e_i`` weighs ``> w(e_j)`` throughout and is not all taken; its
+  first untaken edge has a reached target, so it is in the frontier and outweighs ``e_j``, which
+  could then not have been popped (and ``b(e_i) ≤ w(e_i)`` by definition).
+
+So the heap pops in non-increasing ``b``, and a stable sort of the edges by ``-b`` puts each edge
+at its heap position, except within a *run* of equal ``b``, whose order is left to find. On real
+graphs nearly every run is a single edge.
+
+**§2 Inside a run of bottleneck λ** (sorted positions ``[s0, s1)``; :func:`_replay_run`).
+
+* While the run lasts, the heap pops its edges and only its edges (§1). Every other frontier edge
+  has ``b < λ`` (those with ``b > λ`` are popped) and weighs ``< λ``: its target was reached by a
+  pop of ``b ≥ λ``, so ``B(target) ≥ λ``, and ``b < λ`` forces ``w < λ``; run edges weigh ``≥ λ``.
+  So a heap of the run's edges alone, keyed as the plain heap is, pops them in its order.
+* A run edge enters the frontier when its target ``v`` is reached. If ``B(v) > λ``, an edge leaving
+  ``v`` has ``b > λ`` and was popped before the run: the edge is in the frontier from the start.
+  Otherwise ``B(v) = λ``: no edge leaving ``v`` was popped before the run, and ``v`` is reached
+  inside the run by the first popped run edge whose source is ``v``; its run edges are pushed then.
+
+**§3 The tie-break.** The plain heap breaks equal weights by its insertion counter. A node's
+in-edges are pushed together, right after the pop that reached the node, in canonical order; so
+the counter orders edges exactly as the pair *(position of the pop that reached the target (-1 for
+the output node), canonical column among the target's in-edges)* does
+(:func:`~tl_strace.search._rows._canonical`; one pop reaches at most one node, so the pair is
+unique). The replay keys its
+heap on ``(-weight, reach position, canonical column)`` and needs no counter. The reach position of
+a target reached inside a tied run, this one or an earlier one, is recorded when the replay reaches
+it; a target reached before the run and not recorded was reached by the single edge of the run of
+bottleneck ``B(target)`` (the first pop leaving ``v`` has ``b = B(v)``, by §1), found by a binary
+search of the sorted bottlenecks (``_MemberBlock.reached_at``).
+
+**§4 Cost.** The bottlenecks, the sort and the run bounds are tensor operations. Only members of
+tied runs that start before ``n_max`` are replayed, converted to Python lists ``_REPLAY_BLOCK``
+members at a time: tied runs hold millions of edges on long inputs (12M of 44M at 580 tokens), and
+the random baseline's uniform weights put most edges into a few huge runs.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tl_strace.graph import Graph
+from tl_strace.search._rows import _canonical
+from tl_strace.search._strata import Strata, _strata_from_order, check_sizes, target_counts
+
+_REPLAY_BLOCK = 1 << 18
+"""Tied-run members converted to Python lists at a time by :func:`strace_order` (§4)."""
+
+
+def bottlenecks(graph: Graph) -> tuple[Float[Tensor, "edge"], Float[Tensor, "node"]]:
+    """Each edge's bottleneck ``b(e) = min(B(target), w_e)`` and each node's ``B(v)`` (§1): the
+    largest, over paths from the output node to ``v``, of the smallest weight on the path (``+inf``
+    at the output, ``-inf`` off the graph). One max-min recursion per block, top to bottom.
+    """
+    layout = graph.layout
+    L, T = layout.n_layers, layout.n_pos
+    neg = -math.inf
+    valid_a = layout.split(graph.valid)[0]
+    w_a, w_ra, w_m, w_rm = layout.split(graph.weights)  # min/max only: exact in any float dtype
+    w_a = w_a.masked_fill(~valid_a, neg)
+    b_a, b_ra, b_m, b_rm = (torch.full_like(x, neg) for x in (w_a, w_ra, w_m, w_rm))
+    node_B = torch.full((2 * L + 1, T), neg, dtype=graph.weights.dtype)
+    node_B[2 * L, T - 1] = math.inf
+    for l in range(L - 1, -1, -1):
+        B_post = node_B[2 * l + 2]
+        if layout.parallel:  # every in-edge of block node (2l+2, t) leaves a node of layer 2l
+            b_m[l] = torch.minimum(B_post, w_m[l])
+            b_ra[l] = torch.minimum(B_post, w_ra[l])
+            b_a[l] = torch.minimum(B_post[None, :, None], w_a[l])
+            node_B[2 * l] = torch.maximum(torch.maximum(b_ra[l], b_m[l]), b_a[l].amax(dim=(0, 1)))
+            continue
+        b_m[l] = torch.minimum(B_post, w_m[l])
+        b_rm[l] = torch.minimum(B_post, w_rm[l])
+        node_B[2 * l + 1] = B_mid = torch.maximum(b_m[l], b_rm[l])  # both leave node (2l+1, t)
+        b_ra[l] = torch.minimum(B_mid, w_ra[l])
+        b_a[l] = torch.minimum(B_mid[None, :, None], w_a[l])
+        node_B[2 * l] = torch.maximum(b_ra[l], b_a[l].amax(dim=(0, 1)))  # node (2l, s)
+    return layout.join(b_a, b_ra, b_m, b_rm).masked_fill(~graph.valid, neg), node_B.flatten()
+
+
+class _TiedRuns(NamedTuple):
+    """The runs of equal bottleneck (§1) with more than one edge that start before ``n_max``. Their
+    edges, the *members*, are numbered run after run."""
+
+    start: Int[Tensor, "run"]  # sorted position of the run's first edge
+    size: Int[Tensor, "run"]  # edges in the run
+    offset: Int[Tensor, "run"]  # member number of the run's first edge
+    at: Int[Tensor, "member"]  # sorted position of each member
+
+
+def _tied_runs(neg_b_sorted: Tensor, n_max: int) -> _TiedRuns:
+    """Bounds of the tied runs of the sorted (negated) bottlenecks; no Python step per edge."""
+    change = torch.nonzero(neg_b_sorted[1:] != neg_b_sorted[:-1]).flatten() + 1
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), change])
+    ends = torch.cat([change, torch.tensor([neg_b_sorted.numel()])])
+    tied = torch.nonzero((ends - starts > 1) & (starts < n_max)).flatten()
+    start, size = starts[tied], (ends - starts)[tied]
+    run_of = torch.repeat_interleave(torch.arange(size.numel()), size)  # run of each member
+    offset = torch.cumsum(size, 0) - size
+    return _TiedRuns(start, size, offset, start[run_of] + torch.arange(run_of.numel()) - offset[run_of])
+
+
+def strace_order(graph: Graph, n_max: int | None = None) -> Int[Tensor, "taken"]:
+    """Edge ids in the order s-Trace takes them, the first ``n_max`` (default: all of |E|).
+
+    Equal to :func:`~tl_strace.search.reference.reference_strace_order`, ties included, without a
+    Python step per edge (module docstring): the edges sorted by bottleneck (§1), then each tied
+    run replayed with a heap of its own edges (§2, §3), a block of members at a time (§4).
+    """
+    n_max = graph.n_edges if n_max is None else min(n_max, graph.n_edges)
+    b, node_B = bottlenecks(graph)
+    ids = torch.nonzero(graph.valid).flatten()
+    order = ids[torch.sort(-b[ids], stable=True).indices]
+    neg_sb = -b[order]
+    runs = _tied_runs(neg_sb, n_max)
+    if runs.start.numel() == 0:
+        return order[:n_max]
+    layout = graph.layout
+    members = order[runs.at]
+    src, tgt = layout.node_ids(members)
+    # Where each member's target was reached if that happened in a single-edge run: the position
+    # of the (only) edge whose bottleneck is B(target) (§3).
+    first = torch.searchsorted(neg_sb, -node_B[tgt].to(neg_sb.dtype), side="left")
+    weight, canon = graph.weights[members], _canonical(layout, members)
+    node_B_list, lam, reach = node_B.tolist(), (-neg_sb[runs.start]).tolist(), {}
+    block: _MemberBlock | None = None
+    done: list[int] = []  # the current block's replayed runs, in pop order
+    for r, (s0, o, n) in enumerate(zip(runs.start.tolist(), runs.offset.tolist(), runs.size.tolist())):
+        if block is None or o + n > block.end:
+            if done:  # write the replayed runs of the previous block back in one assignment
+                order[runs.at[block.start:block.start + len(done)]] = torch.tensor(done, dtype=torch.long)
+            sl = slice(o, o + max(n, _REPLAY_BLOCK))
+            block = _MemberBlock(
+                start=o, end=sl.stop, node_B=node_B_list, output=layout.output_node, reach=reach,
+                edge=members[sl].tolist(), src=src[sl].tolist(), tgt=tgt[sl].tolist(), first=first[sl].tolist(),
+                weight=weight[sl].tolist(), canon=canon[sl].tolist(),
+            )
+            done = []
+        done += _replay_run(block, lam[r], o - block.start, s0, s0 + n)
+    assert block is not None
+    order[runs.at[block.start:block.start + len(done)]] = torch.tensor(done, dtype=torch.long)
+    return order[:n_max]
+
+
+@dataclass
+class _MemberBlock:
+    """Members ``[start, end)`` of the tied runs as Python lists (indexed from ``start``), with what
+    every run shares: ``node_B`` over all nodes and ``reach``, filled as runs are replayed."""
+
+    start: int
+    end: int
+    node_B: list[float]
+    output: int
+    reach: dict[int, int]  # node -> position of the pop that reached it, for nodes reached in tied runs
+    edge: list[int]
+    src: list[int]  # source node
+    tgt: list[int]  # target node
+    first: list[int]  # first sorted position whose bottleneck equals B(target)
+    weight: list[float]
+    canon: list[int]  # column among the target's in-edges (_rows._canonical)
+
+    def reached_at(self, i: int) -> int:
+        """Position of the pop that reached member ``i``'s target, for a target reached before the
+        current run (§3): inside an earlier tied run (recorded), or by the single edge of
+        bottleneck ``B(target)``; -1 for the output node, whose in-edges are pushed first."""
+        t = self.tgt[i]
+        if t == self.output:
+            return -1
+        pos = self.reach.get(t)
+        return pos if pos is not None else self.first[i]
+
+
+def _replay_run(block: _MemberBlock, lam: float, i0: int, s0: int, s1: int) -> list[int]:
+    """The edges at sorted positions ``[s0, s1)`` — one run of bottleneck ``lam``, members ``i0…``
+    of ``block`` — in the plain heap's pop order (§2). Heap keys are ``(-weight, reach position of
+    the target, canonical column, member)``: the plain heap's key with its counter replaced by the
+    pair that orders the same way (§3); the member index only names the edge.
+    """
+    # local names: these loops run once per tied edge
+    node_B, reach, tgt, src = block.node_B, block.reach, block.tgt, block.src
+    weight, canon, edge = block.weight, block.canon, block.edge
+    heap: list[tuple[float, int, int, int]] = []
+    waiting: dict[int, list[tuple[float, int, int]]] = {}  # node with B = lam -> its run edges (-w, canon, member)
+    for i in range(i0, i0 + s1 - s0):
+        t = tgt[i]
+        if node_B[t] > lam:  # target reached before the run: in the frontier from the start
+            heap.append((-weight[i], block.reached_at(i), canon[i], i))
+        else:  # B(target) == lam: pushed when the target is reached inside this run
+            waiting.setdefault(t, []).append((-weight[i], canon[i], i))
+    heapq.heapify(heap)
+    out: list[int] = []
+    pos = s0
+    while heap:
+        i = heapq.heappop(heap)[3]
+        out.append(edge[i])
+        s = src[i]
+        if node_B[s] == lam and s not in reach:  # the pop at `pos` reaches s
+            reach[s] = pos
+            for negw, c, k in waiting.pop(s, ()):
+                heapq.heappush(heap, (negw, pos, c, k))
+        pos += 1
+    if pos != s1:  # pragma: no cover - would mean the bottleneck argument is violated
+        raise AssertionError(f"s-Trace tie replay took {pos - s0} of {s1 - s0} edges")
+    return out
+
+
+def strace_strata(graph: Graph, sizes: Sequence[float] | None = None) -> Strata:
+    """Nested s-Trace strata for target ``sizes`` (default: :data:`DEFAULT_SIZES`), in one pass."""
+    sizes = check_sizes(sizes)
+    counts = target_counts(sizes, graph.n_edges)
+    # The full graph needs no search: run the heap only up to the largest partial target.
+    partial = [c for c in counts if c < graph.n_edges]
+    order = strace_order(graph, max(partial) if partial else 0)
+    return _strata_from_order("strace", graph, order, sizes, counts, sizes)
