@@ -25,9 +25,9 @@ from tl_strace.search import (
 )
 
 
-def random_graph(L: int, H: int, T: int, seed: int, levels: int | None = None) -> Graph:
+def random_graph(L: int, H: int, T: int, seed: int, levels: int | None = None, *, parallel: bool = False) -> Graph:
     """Random local weights; with ``levels`` they take few distinct values, so ties abound."""
-    layout = EdgeLayout(L, H, T)
+    layout = EdgeLayout(L, H, T, parallel=parallel)
     g = torch.Generator().manual_seed(seed)
     w = torch.rand(layout.size, generator=g, dtype=torch.float64)
     if levels:

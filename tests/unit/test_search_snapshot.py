@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from tl_strace.graph import EdgeLayout, Graph
+from tl_strace.graph import Graph
 from tl_strace.search import (
     DEFAULT_SIZES,
     nucleus_strata,
@@ -26,6 +26,8 @@ from tl_strace.search import (
     strace_strata,
     threshold_strata,
 )
+
+from tests.unit.test_search import random_graph
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "search_orders.json"
 
@@ -47,13 +49,7 @@ SPECS: list[tuple[str, int, int, int, bool, int, int | None, str]] = [
 
 def snapshot_graph(L: int, H: int, T: int, parallel: bool, seed: int, levels: int | None) -> Graph:
     """Random weights on the ancestor edges; with ``levels`` they take that many values (ties)."""
-    layout = EdgeLayout(L, H, T, parallel=parallel)
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.rand(layout.size, generator=gen, dtype=torch.float64)
-    if levels:
-        w = torch.floor(w * levels) / levels
-    valid = layout.ancestors()
-    return Graph(layout, w.masked_fill(~valid, 0.0), valid)
+    return random_graph(L, H, T, seed, levels, parallel=parallel)
 
 
 def _order(graph: Graph, kind: str, seed: int) -> torch.Tensor:
