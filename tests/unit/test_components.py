@@ -487,3 +487,16 @@ def test_component_files_of_format_2_load_as_component_results(llama_model, tmp_
     write_tensors(old, tensors, "tl_strace", meta)
     with pytest.raises(ts.ResultsError, match="n_components|scores"):
         ts.TraceResult.load(old)
+
+
+def test_component_results_go_through_every_view(gpt2_model, tmp_path):
+    """A real ComponentResult (not a token result relabelled) through the display methods: the
+    views take any TraceResult; the token-only ones refuse it with a one-line InputError."""
+    res = component_strace(gpt2_model, TOKENS, conditions=("only", "random"))
+    html = res._repr_html_()
+    assert "tls-static-img" in html and "component-level" in html
+    assert res.plot() is not None
+    page = res.save_html(tmp_path / "r.html")
+    assert "density" in (tmp_path / "r.html").read_text(encoding="utf-8") and page.endswith("r.html")
+    with pytest.raises(InputError, match="token-level trace"):
+        res.plot_shares()

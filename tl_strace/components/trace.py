@@ -159,6 +159,7 @@ def component_strace(
             perm = torch.randperm(C, generator=torch.Generator().manual_seed(int(opts.seed)))
             tables["random"] = labels_from_rank(rank_of(perm, C), c)
         K = len(counts)
+        shape = (len(conds), K)  # rows: condition-major, one per stratum
         ks = torch.arange(K)
         rows = []
         for c in conds:
@@ -170,10 +171,9 @@ def component_strace(
         masks = ComponentMasks(spec, space, torch.cat(rows), abl, device=tokens.device, dtype=model_dtype(model))
         m = evaluate(model, spec, tokens, masks, clean=full, logit_scale=logit_scale,
                      full_row=conds.index("only") * K + K - 1, chunk=chunk, target=tgt, top_k=opts.top_k,
-                     shape=(len(conds), K))
+                     shape=shape)
         timings["evaluate"] = time.perf_counter() - t2
 
-    shape = (len(conds), K)
     timings["total"] = time.perf_counter() - t0
     config = {
         "granularity": "component", "method": "component", "scorer": opts.scorer, "ablation": opts.ablation,

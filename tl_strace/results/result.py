@@ -18,6 +18,7 @@ from torch import Tensor
 from tl_strace.density import RECOVERY_LEVELS, auc_linear, auc_log, recovery_sizes, size_at_tolerance
 from tl_strace.errors import InputError, ResultsError, StraceError
 from tl_strace.metrics import clean_summary
+from tl_strace.model import str_tokens
 from tl_strace.results._schema import FORMAT_VERSION, _Bad, _READABLE_VERSIONS, _check_result
 from tl_strace.store import as_path, read_tensors, schema_checked, write_tensors
 
@@ -322,8 +323,6 @@ def measured_fields(model: Any, tokens: Int[Tensor, "pos"], target: int | None, 
     """The fields every granularity fills the same way: the input, the curves and top tokens from
     :func:`tl_strace.engine.evaluate`'s ``metrics`` (``[condition, stratum]``), and the clean
     model's own numbers (:func:`tl_strace.metrics.clean_summary`); token strings from ``model``."""
-    from tl_strace.model import str_tokens
-
     clean_fields = clean_summary(clean, target, top_k)
     top_ids = metrics["ids"]
     C, K = int(top_ids.shape[0]), int(top_ids.shape[1])

@@ -26,7 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_strace.errors import InputError
-from tl_strace.results import StraceResult
+from tl_strace.results import StraceResult, TraceResult
 
 __all__ = [
     "KIND_NAMES",
@@ -77,12 +77,12 @@ class ComponentStats:
         return first
 
 
-def is_token_level(res: StraceResult) -> bool:
+def is_token_level(res: TraceResult) -> bool:
     """Whether ``res`` is a token-level trace (labels over the flat edge space), as views need."""
     return isinstance(res, StraceResult) and int(res.labels.numel()) == res.layout.size
 
 
-def require_token_level(res: StraceResult, what: str) -> None:
+def require_token_level(res: TraceResult, what: str) -> None:
     """Refuse component-granularity results (their strata are sets of heads/MLPs) with a clear message."""
     if not is_token_level(res):
         raise InputError(
@@ -92,7 +92,7 @@ def require_token_level(res: StraceResult, what: str) -> None:
         )
 
 
-def _component_index(res: StraceResult) -> Int[Tensor, "edge"]:
+def _component_index(res: TraceResult) -> Int[Tensor, "edge"]:
     """Component of every slot of the flat edge space (see the module docstring)."""
     lay = res.layout
     L, H, T = lay.n_layers, lay.n_heads, lay.n_pos
@@ -105,7 +105,7 @@ def _component_index(res: StraceResult) -> Int[Tensor, "edge"]:
 _CACHE: dict[int, tuple[weakref.ref, ComponentStats]] = {}
 
 
-def component_stats(res: StraceResult) -> ComponentStats:
+def component_stats(res: TraceResult) -> ComponentStats:
     """Aggregate a result's trace to components and compute flows, for every stratum at once.
 
     Costs a few passes over the flat edge space (about a second for 10⁶ slots on a small CPU); the
@@ -124,7 +124,7 @@ def component_stats(res: StraceResult) -> ComponentStats:
     return st
 
 
-def _component_stats(res: StraceResult) -> ComponentStats:
+def _component_stats(res: TraceResult) -> ComponentStats:
     lay = res.layout
     L, H, T = lay.n_layers, lay.n_heads, lay.n_pos
     K = int(res.sizes.numel())
@@ -186,7 +186,7 @@ def _component_stats(res: StraceResult) -> ComponentStats:
     )
 
 
-def stratum_index(res: StraceResult, s: float | None) -> int:
+def stratum_index(res: TraceResult, s: float | None) -> int:
     """The stratum closest to ``s`` on a log axis (``None``: :func:`default_stratum`)."""
     if s is None:
         return default_stratum(res)
@@ -197,7 +197,7 @@ def stratum_index(res: StraceResult, s: float | None) -> int:
     return int(torch.argmin((sizes.log10() - torch.tensor(s).double().log10()).abs()))
 
 
-def default_stratum(res: StraceResult) -> int:
+def default_stratum(res: TraceResult) -> int:
     """The stratum a view opens on: the first whose top token is the full model's (shared nucleus
     ≥ 1%), else the stratum closest to s = 1e-2."""
     hit = torch.nonzero(res.nucleus >= 1.0).flatten()
@@ -206,7 +206,7 @@ def default_stratum(res: StraceResult) -> int:
     return stratum_index(res, 1e-2)
 
 
-def token_contributions(res: StraceResult, s: float | None = None) -> Float[Tensor, "pos"]:
+def token_contributions(res: TraceResult, s: float | None = None) -> Float[Tensor, "pos"]:
     """Each input token's contribution to the output at size ``s``: the flow reaching its
     embedding node through the kept edges (see the module docstring). Sums to 1 in the full graph.
 
@@ -215,7 +215,7 @@ def token_contributions(res: StraceResult, s: float | None = None) -> Float[Tens
     return component_stats(res).token_flow[stratum_index(res, s)]
 
 
-def edge_shares(res: StraceResult, n_groups: int = 4) -> pd.DataFrame:
+def edge_shares(res: TraceResult, n_groups: int = 4) -> pd.DataFrame:
     """Composition of the trace per stratum (paper B's figure): the shares of attention, MLP and
     residual edges, and of ``n_groups`` equal groups of layers (earliest first).
 
@@ -239,7 +239,7 @@ def edge_shares(res: StraceResult, n_groups: int = 4) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def token_edges(res: StraceResult, *, max_edges: int = 2000, per_head: int = 12) -> dict[str, Tensor]:
+def token_edges(res: TraceResult, *, max_edges: int = 2000, per_head: int = 12) -> dict[str, Tensor]:
     """The token-level edges a page embeds: the first ``max_edges`` the search took (all types),
     plus each head's first ``per_head`` edges, never the whole graph.
 

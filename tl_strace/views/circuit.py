@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from tl_strace.results import StraceResult, TraceResult
+from tl_strace.results import TraceResult
 from tl_strace.views._assets import circuit_css, circuit_js
 from tl_strace.views._data import component_stats, is_token_level, stratum_index, token_edges
 from tl_strace.views._html import HTMLView, esc, render_id, round_sig, script_json
@@ -45,7 +45,7 @@ def _r(values: Any, digits: int = 3) -> list[float | None]:
     return [round_sig(v, digits) for v in torch.as_tensor(values).double().flatten().tolist()]
 
 
-def circuit_data(res: StraceResult, *, s: float | None = None, max_edges: int = 2000,
+def circuit_data(res: TraceResult, *, s: float | None = None, max_edges: int = 2000,
                  per_head: int = 12) -> dict[str, Any]:
     """The JSON the circuit view embeds: model shape, tokens, curves, per-stratum component tables
     (from the first stratum each component is in), token contributions, MLP edges per position,
@@ -141,7 +141,7 @@ def summary_html(res: TraceResult) -> str:
     return head + f"<div class=\"tls-text\">{toks}</div>"
 
 
-def circuit_view(res: StraceResult, *, s: float | None = None, max_edges: int = 2000, per_head: int = 12,
+def circuit_view(res: TraceResult, *, s: float | None = None, max_edges: int = 2000, per_head: int = 12,
                  curves: bool = True) -> HTMLView:
     """The result as one self-contained, interactive HTML fragment (summary, curves, circuit).
 

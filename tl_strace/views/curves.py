@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from tl_strace.results import StraceResult
+from tl_strace.results import TraceResult
 from tl_strace.views._html import esc, n_of
 
 __all__ = ["CONDITION_STYLES", "PHASES", "curves_svg"]
@@ -38,7 +38,7 @@ def _fmt_s(s: float) -> str:
     return f"{s:.0e}".replace("e-0", "e-").replace("e+00", "") if s < 0.1 else f"{s:g}"
 
 
-def _panel(res: StraceResult, metric: str, x0: float, y0: float, w: float, h: float, lo: float,
+def _panel(res: TraceResult, metric: str, x0: float, y0: float, w: float, h: float, lo: float,
            title: str, ymax: float, yticks: list[float], yfmt: str) -> list[str]:
     """One plot panel (axes, phases, one line per condition, marker) as SVG elements."""
     out: list[str] = []
@@ -94,7 +94,7 @@ def _panel(res: StraceResult, metric: str, x0: float, y0: float, w: float, h: fl
     return out
 
 
-def curves_svg(res: StraceResult, *, width: int = 820, height: int = 210) -> str:
+def curves_svg(res: TraceResult, *, width: int = 820, height: int = 210) -> str:
     """TV (left) and shared nucleus (right) against log s for every condition of ``res``, with
     paper B's construction and refinement phases shaded, and a legend."""
     lo = math.floor(math.log10(max(min(float(s) for s in res.sizes), 1e-8)) + 1e-6)  # sizes are float32

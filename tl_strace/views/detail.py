@@ -31,7 +31,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_strace.errors import InputError
-from tl_strace.results import StraceResult
+from tl_strace.results import TraceResult
 from tl_strace.views._data import component_stats, is_token_level, stratum_index
 from tl_strace.views._html import HTMLView, esc, n_of, render_id, round_sig, script_json
 
@@ -121,7 +121,7 @@ def figures_html(figures: list[CircuitsvisFigure], *, bundle: bool = True) -> st
     return "\n".join(parts)
 
 
-def restricted_patterns(res: StraceResult, pattern: Float[Tensor, "layer head pos pos_src"],
+def restricted_patterns(res: TraceResult, pattern: Float[Tensor, "layer head pos pos_src"],
                         s: float | None = None) -> Float[Tensor, "layer head pos pos_src"]:
     """``pattern`` with every attention edge outside the stratum nearest ``s`` set to 0, as the
     masked forward pass of METHOD.md §4 does (no renormalisation)."""
@@ -134,7 +134,7 @@ def restricted_patterns(res: StraceResult, pattern: Float[Tensor, "layer head po
     return pattern * (a_lab <= k).to(pattern.dtype)
 
 
-def attention_patterns(res: StraceResult, patterns: Float[Tensor, "layer head pos pos_src"], s: float | None = None, *,
+def attention_patterns(res: TraceResult, patterns: Float[Tensor, "layer head pos pos_src"], s: float | None = None, *,
                        max_heads: int = 12) -> CircuitsvisFigure:
     """circuitsvis attention patterns (its ``AttentionHeads`` component) of the heads the subgraph at size ``s`` relies on most
     (largest summed kept edge weight), each restricted to its kept edges.
@@ -189,7 +189,7 @@ def _as_html_text(tokens: list[str]) -> list[str]:
     return [html.escape(t, quote=False) for t in tokens]
 
 
-def _size_labels(res: StraceResult) -> list[str]:
+def _size_labels(res: TraceResult) -> list[str]:
     return [f"s = {float(s):g} ({n_of(n)})" for s, n in zip(res.sizes, res.counts)]
 
 
@@ -199,7 +199,7 @@ def _flow_shares(flow: Float[Tensor, "*stratum pos"]) -> Float[Tensor, "*stratum
     return torch.where(total > 0, flow / total.clamp_min(1e-300), torch.zeros_like(flow))
 
 
-def colored_tokens(res: StraceResult, s: float | None = None) -> CircuitsvisFigure:
+def colored_tokens(res: TraceResult, s: float | None = None) -> CircuitsvisFigure:
     """circuitsvis ``colored_tokens``: each input token's share of the output's flow that reaches the
     input through the kept edges (see :mod:`tl_strace.views._data`).
 
@@ -225,7 +225,7 @@ def colored_tokens(res: StraceResult, s: float | None = None) -> CircuitsvisFigu
         title=f"Contribution of each input token to the output at s = {float(res.sizes[k]):g}", note=note)
 
 
-def topk_tokens(res: StraceResult) -> CircuitsvisFigure:
+def topk_tokens(res: TraceResult) -> CircuitsvisFigure:
     """circuitsvis ``topk_tokens``: the full model's top tokens beside each subgraph's, per size
     (the "Size" selector) and condition (the "Sample" selector)."""
     K = int(res.sizes.numel())
@@ -269,7 +269,7 @@ def topk_tokens(res: StraceResult) -> CircuitsvisFigure:
              + (f" Sizes with no edge ({K - len(ks)}) are left out." if len(ks) < K else ""))
 
 
-def detail_views(res: StraceResult, s: float | None = None, *,
+def detail_views(res: TraceResult, s: float | None = None, *,
                  patterns: Float[Tensor, "layer head pos pos_src"] | None = None, max_heads: int = 12) -> HTMLView:
     """All detail views on one fragment, the circuitsvis bundle included once: attention patterns
     (only when ``patterns`` is given: ``res.clean_patterns(model)``, or call

@@ -17,7 +17,7 @@ import os
 from typing import Any
 
 from tl_strace.errors import InputError
-from tl_strace.results import StraceResult
+from tl_strace.results import TraceResult
 from tl_strace.views._data import edge_shares
 from tl_strace.views.curves import CONDITION_STYLES, PHASES
 
@@ -54,7 +54,7 @@ def _shade_phases(ax: Any, lo: float) -> None:
                 va="bottom", fontsize=8, color="#475569")
 
 
-def plot_curves(res: StraceResult, metric: str = "tv", *, ax: Any = None) -> Any:
+def plot_curves(res: TraceResult, metric: str = "tv", *, ax: Any = None) -> Any:
     """``metric`` (default TV) against s on a log axis for every condition of ``res`` (the trace, and
     the random and inverse baselines when present), with paper B's construction [1e-4, 1e-2] and
     refinement [1e-2, 1] phases shaded. Draws into ``ax`` if given; returns the figure."""
@@ -89,7 +89,7 @@ def plot_curves(res: StraceResult, metric: str = "tv", *, ax: Any = None) -> Any
     return fig
 
 
-def plot_shares(res: StraceResult, *, n_groups: int = 4) -> Any:
+def plot_shares(res: TraceResult, *, n_groups: int = 4) -> Any:
     """Paper B's composition plot: the shares of attention, MLP and residual edges in the trace (left)
     and of ``n_groups`` equal layer groups (right), against s on a log axis."""
     df = edge_shares(res, n_groups=n_groups)
@@ -171,7 +171,7 @@ def figure_svg(fig: Any) -> str:
     return text[text.index("<svg"):]
 
 
-def save_plots(res: StraceResult, prefix: str | os.PathLike, formats: tuple[str, ...] = ("png", "svg")) -> list[str]:
+def save_plots(res: TraceResult, prefix: str | os.PathLike, formats: tuple[str, ...] = ("png", "svg")) -> list[str]:
     """Save the curve and composition figures as ``{prefix}_curves.{fmt}`` and
     ``{prefix}_shares.{fmt}`` for each format; returns the paths written."""
     bad = [f for f in formats if f not in ("png", "svg", "pdf")]

@@ -15,7 +15,7 @@ import math
 import os
 from typing import Any
 
-from tl_strace.results import StraceResult
+from tl_strace.results import TraceResult
 from tl_strace.views._data import is_token_level
 from torch import Tensor
 
@@ -50,7 +50,7 @@ def _fmt(x: float, spec: str = ".4f") -> str:
     return "–" if not math.isfinite(x) else format(x, spec)
 
 
-def strata_table_html(res: StraceResult) -> str:
+def strata_table_html(res: TraceResult) -> str:
     """The per-size table (every condition's TV, the trace's nucleus, entropy and top token), escaped."""
     conds = list(res.conditions)
     head = ("<tr><th>s</th><th>edges</th>" + "".join(f"<th>TV {esc(c)}</th>" for c in conds)
@@ -70,7 +70,7 @@ def strata_table_html(res: StraceResult) -> str:
     return f'{style}<table class="tls-table">{head}{"".join(rows)}</table>'
 
 
-def report_html(res: StraceResult, *, patterns: Tensor | None = None, s: float | None = None, details: bool = True,
+def report_html(res: TraceResult, *, patterns: Tensor | None = None, s: float | None = None, details: bool = True,
                 plots: bool = True, max_edges: int = 2000, per_head: int = 12) -> str:
     """The whole report page as a string.
 
@@ -90,7 +90,7 @@ def report_html(res: StraceResult, *, patterns: Tensor | None = None, s: float |
                             per_head=per_head)
 
 
-def _report_html(res: StraceResult, *, patterns: Tensor | None, s: float | None, details: bool, plots: bool,
+def _report_html(res: TraceResult, *, patterns: Tensor | None, s: float | None, details: bool, plots: bool,
                  max_edges: int, per_head: int) -> str:
     name = str(res.model.get("name", ""))
     tail = title_text(list(res.str_tokens))[-60:]  # the text's end, without special tokens; esc()'d below
@@ -122,7 +122,7 @@ def _report_html(res: StraceResult, *, patterns: Tensor | None, s: float | None,
     return page(title, "\n".join(body) + LAYOUT_RECORDER)
 
 
-def save_report(res: StraceResult, path: str | os.PathLike, **kwargs: Any) -> str:
+def save_report(res: TraceResult, path: str | os.PathLike, **kwargs: Any) -> str:
     """Write :func:`report_html` to ``path`` (atomically); returns the path. Keywords as :func:`report_html`."""
     from tl_strace.fsutil import atomic_write, check_output_path
 
