@@ -38,7 +38,7 @@ from tl_strace.errors import InputError, UnsupportedModelError
 from tl_strace.graph import EdgeLayout
 from tl_strace.model import ModelSpec, attention_without_heads, hook_name, run_hooked
 
-__all__ = ["CONDITIONS", "MaskRow", "TokenMasks", "bytes_per_row", "masked_logprobs", "verify_attention_masking"]
+__all__ = ["ATTENTION_MODES", "CONDITIONS", "attention_label", "MaskRow", "TokenMasks", "bytes_per_row", "masked_logprobs", "verify_attention_masking"]
 
 _SENTINEL = torch.iinfo(torch.int16).max
 
@@ -46,6 +46,21 @@ _SENTINEL = torch.iinfo(torch.int16).max
 CONDITIONS: tuple[str, ...] = ("only", "random", "inverse")
 """Evaluation conditions: the subgraph alone, a random connected subgraph of the same size (the same
 search on seeded uniform weights), and the subgraph's complement with every residual edge kept."""
+
+ATTENTION_MODES: dict[str, str] = {
+    "faithful": "every edge outside the subgraph is removed, attention edges included (the method as defined; "
+                "the default)",
+    "never-ablated": "attention edges are never removed, whatever the subgraph: what the authors' published "
+                     "pipeline computes, since its attention masks are never applied (METHOD.md, 'Known "
+                     "pitfalls'); reproduces the published curves, not a faithful measurement",
+}
+"""How attention edges are treated when a subgraph is evaluated. ``"never-ablated"`` exists only to
+reproduce the published numbers and is labelled wherever its results appear (:func:`attention_label`)."""
+
+
+def attention_label(mode: str) -> str:
+    """The label a result of attention mode ``mode`` carries in tables, plots and reports ("" for faithful)."""
+    return "" if mode == "faithful" else "attention never ablated (reference pipeline)"
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,12 @@ _BUNDLED = ", ".join(list_bundled_models())
 
 
 def _choices(name: str) -> list[str]:
-    """One registry's names: ``conditions``, ``ablations``, ``granularities``, ``methods``, ``weights``,
+    """One registry's names: ``conditions``, ``attention``, ``ablations``, ``granularities``, ``methods``, ``weights``,
     ``sets`` (imported on first use: these modules import torch)."""
     if name == "conditions":
         from tl_strace.ablation import CONDITIONS as names
+    elif name == "attention":
+        from tl_strace.ablation import ATTENTION_MODES as names
     elif name == "ablations":
         from tl_strace.components import ABLATIONS as names
     elif name == "granularities":
@@ -104,6 +106,10 @@ def format_trace(res: Any, *, show_tokens: Sequence[float] = (1e-3, 1e-2, 0.1, 0
         f"entropy {res.full_entropy:.3f} nats",
         f"density (area under TV over log10 s): {res.density:.4f}    linear-s area: {res.density_linear:.4f}",
     ]
+    if res.attention != "faithful":
+        from tl_strace.ablation import attention_label
+
+        lines.insert(1, f"attention: {res.attention} — {attention_label(res.attention)}; not a faithful measurement")
     rec = res.recovery_sizes()
     lines.append("shared-nucleus recovery size: " + ", ".join(
         f"{k}%: {'-' if math.isnan(v) else _fmt_s(v)}" for k, v in rec.items()))
@@ -135,6 +141,7 @@ def _add_trace(p: argparse.ArgumentParser) -> None:
     p.add_argument("--taus", type=float, nargs="+", help="thresholds for --method threshold/nucleus")
     p.add_argument("--conditions", nargs="+", default=_choices("conditions"), choices=_choices("conditions"))
     p.add_argument("--target", help="the true next token (text), for cross-entropy and rank")
+    _add_attention(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
     p.add_argument("--batch-size", type=int, help="masks per forward pass (default: from the memory budget)")
     p.add_argument("--memory-budget", type=_bytes, metavar="SIZE",
@@ -162,7 +169,8 @@ def _run_trace(args: argparse.Namespace) -> int:
                              "or leave it out.")
         check_target(args.target)
     TraceOptions(method=args.method, weights=args.weights, conditions=args.conditions, sizes=args.sizes,
-                 taus=args.taus, seed=args.seed, batch_size=args.batch_size, memory_budget=args.memory_budget)
+                 taus=args.taus, seed=args.seed, batch_size=args.batch_size, memory_budget=args.memory_budget,
+                 attention=args.attention)
     if args.save:
         check_output_path(args.save, what="--save file")
     if args.html:
@@ -172,7 +180,7 @@ def _run_trace(args: argparse.Namespace) -> int:
     model = ts.load_model(args.model)
     res = ts.strace(model, args.text, sizes=args.sizes, method=args.method, taus=args.taus, weights=args.weights,
                     conditions=args.conditions, target=args.target, seed=args.seed, batch_size=args.batch_size,
-                    memory_budget=args.memory_budget)
+                    memory_budget=args.memory_budget, attention=args.attention)
     written = []
     if args.save:
         res.save(args.save)
@@ -197,6 +205,19 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 
 
 # ---------------------------------------------------------------- corpus runs (tl_strace.corpus, tl_strace.analysis)
+def _add_attention(p: argparse.ArgumentParser) -> None:
+    """``--attention MODE`` and its two shorthands for the reference pipeline's mode (one of them allowed)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--attention", default=None, choices=_choices("attention"),
+                   help="faithful (default): removed attention edges are removed; never-ablated: attention edges "
+                        "are never removed, as in the authors' published pipeline (reproduces its curves; not a "
+                        "faithful measurement, and labelled so in every output)")
+    g.add_argument("--reproduce-reference-pipeline", dest="attention", action="store_const", const="never-ablated",
+                   help="the same as --attention never-ablated")
+    g.add_argument("--no-attention-ablation", dest="attention", action="store_const", const="never-ablated",
+                   help="the older name of --attention never-ablated")
+
+
 def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, type=_NAME, help=f"bundled model ({_BUNDLED}), local directory, or hub name")
     p.add_argument("--data", required=True, type=_text_arg("data set name or file"), help=f"shipped set ({', '.join(_choices('sets'))}), a .jsonl/.tsv/.txt "
@@ -212,8 +233,7 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--taus", type=float, nargs="+", help="thresholds for --method threshold/nucleus")
     p.add_argument("--record-sizes", type=float, nargs="+", default=None,
                    help="sizes at which each trace's heads and MLPs are recorded (default 1e-3 1e-2 0.1 0.4)")
-    p.add_argument("--no-attention-ablation", action="store_true",
-                   help="never ablate attention edges (a comparison run; not a faithful measurement)")
+    _add_attention(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, help="masks per forward pass (default: from the memory budget)")
     p.add_argument("--memory-budget", type=_bytes, metavar="SIZE",
@@ -228,7 +248,7 @@ def _run_run(args: argparse.Namespace) -> int:
                          conditions=args.conditions, limit=args.limit, sizes=args.sizes, method=args.method,
                          taus=args.taus, weights=args.weights, seed=args.seed, batch_size=args.batch_size,
                          memory_budget=args.memory_budget,
-                         ablate_attention=not args.no_attention_ablation,
+                         attention=args.attention,
                          record_sizes=args.record_sizes or DEFAULT_RECORD_SIZES, progress=not args.quiet)
     if summary.rank == 0:
         print(summary.report())
@@ -240,6 +260,9 @@ def _add_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=_PATH, help="output path without suffix (default: DIR/report)")
     p.add_argument("--format", nargs="+", default=["html", "md"], choices=["html", "md"])
     p.add_argument("--title", default="tl_strace corpus report")
+    p.add_argument("--findings", metavar="FILE", type=_FILE,
+                   help="also write the findings table (papers' findings 1-4, by fixed rules) into FILE's generated "
+                        "block, e.g. docs/findings.md (see tl_strace.analysis.findings)")
 
 
 def _run_report(args: argparse.Namespace) -> int:
@@ -262,8 +285,15 @@ def _run_report(args: argparse.Namespace) -> int:
         raise OutputPathError(f"Cannot write the report {str(base)!r}: {str(anc)!r} is not a directory.")
     elif not os.access(anc, os.W_OK | os.X_OK):
         raise OutputPathError(f"Cannot write the report {str(base)!r}: the directory {str(anc)!r} is not writable.")
+    if args.findings:
+        check_output_path(args.findings, what="--findings file")
     for path in write_report(args.dirs, args.out, formats=args.format, title=args.title):
         print(path)
+    if args.findings:
+        from tl_strace.analysis.findings import update_findings_file
+
+        update_findings_file(args.findings, args.dirs)
+        print(args.findings)
     return 0
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tl_strace.ablation import CONDITIONS
+from tl_strace.ablation import ATTENTION_MODES, CONDITIONS
 from tl_strace.checks import *  # noqa: F403 - the value checks, re-exported
 from tl_strace.checks import __all__ as _CHECKS
 from tl_strace.checks import (
@@ -32,7 +32,7 @@ from tl_strace.errors import InputError
 from tl_strace.search import STRATIFICATIONS
 from tl_strace.weights import WEIGHTS
 
-__all__ = [*_CHECKS, "CommonOptions", "TraceOptions", "check_conditions", "check_method", "check_weights"]
+__all__ = [*_CHECKS, "CommonOptions", "TraceOptions", "check_attention", "check_conditions", "check_method", "check_weights"]
 
 
 def check_method(method: Any) -> str:
@@ -43,6 +43,20 @@ def check_method(method: Any) -> str:
 def check_weights(weights: Any) -> str:
     """A weight scheme of :data:`tl_strace.weights.WEIGHTS`."""
     return check_choice("weights", weights, WEIGHTS)
+
+
+def check_attention(attention: Any, ablate_attention: Any = None) -> str:
+    """The attention mode (:data:`tl_strace.ablation.ATTENTION_MODES`) from ``attention`` and/or the
+    older boolean ``ablate_attention`` (``False`` is ``"never-ablated"``); both ``None`` is
+    ``"faithful"``, and two that disagree are refused."""
+    mode = None if attention is None else check_choice("attention", attention, ATTENTION_MODES)
+    if ablate_attention is None:
+        return mode or "faithful"
+    old = "faithful" if check_bool("ablate_attention", ablate_attention) else "never-ablated"
+    if mode is not None and mode != old:
+        raise InputError(f"attention={mode!r} and ablate_attention={bool(ablate_attention)} disagree; pass only "
+                         f"attention= ('faithful' or 'never-ablated').")
+    return old
 
 
 def check_conditions(conditions: Any) -> tuple[str, ...]:
@@ -99,7 +113,8 @@ class CommonOptions:
 class TraceOptions(CommonOptions):
     """Every option of a token-level trace (:func:`tl_strace.strace`, the corpus runner, ``tl-strace
     trace``): the shared ones plus the stratification (``method`` with ``sizes`` or ``taus``), the
-    edge ``weights`` and ``ablate_attention``. Names are checked against the registries
+    edge ``weights`` and the ``attention`` mode (``ablate_attention``, the older boolean spelling, is
+    accepted and kept consistent: after construction ``ablate_attention == (attention == "faithful")``). Names are checked against the registries
     (:data:`~tl_strace.search.STRATIFICATIONS`, :data:`~tl_strace.weights.WEIGHTS`,
     :data:`~tl_strace.ablation.CONDITIONS`).
 
@@ -111,7 +126,8 @@ class TraceOptions(CommonOptions):
     method: Any = "strace"
     taus: Any = None
     weights: Any = "l1"
-    ablate_attention: Any = True
+    attention: Any = None
+    ablate_attention: Any = None
 
     def __post_init__(self) -> None:
         method = check_method(self.method)
@@ -120,8 +136,9 @@ class TraceOptions(CommonOptions):
         if method != "strace" and self.sizes is not None:
             raise InputError(f"method={method!r} builds strata from taus (weight thresholds); pass taus=..., not sizes.")
         super().__post_init__()
+        mode = check_attention(self.attention, self.ablate_attention)
         self._canonical(method=method, weights=check_weights(self.weights), taus=check_taus(self.taus),
-             ablate_attention=check_bool("ablate_attention", self.ablate_attention))
+             attention=mode, ablate_attention=mode == "faithful")
 
     @property
     def parameters(self) -> tuple[float, ...] | None:

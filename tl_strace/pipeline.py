@@ -99,7 +99,8 @@ def strace(
     batch_size: int | None = None,
     memory_budget: int | str | None = None,
     prepend_bos: bool | None = None,
-    ablate_attention: bool = True,
+    attention: str | None = None,
+    ablate_attention: bool | None = None,
 ) -> StraceResult:
     """Trace one input: find nested subgraphs that best reproduce the model's next-token
     distribution, evaluate them by masked forward passes, and measure how dense the computation is.
@@ -130,9 +131,13 @@ def strace(
             any work, saying how much it needs. Default ``None``: each masked forward gets up to 1 GiB
             of rows and the rest is whatever the input needs.
         prepend_bos: passed to ``model.to_tokens`` for text input.
-        ablate_attention: ``False`` never removes attention edges (the masks apply to residual and MLP
-            edges only). This reproduces a pipeline whose attention mask silently fails to apply, to
-            measure how much apparent sparsity depends on it; never use it for real measurements.
+        attention: ``"faithful"`` (default: every edge outside the subgraph is removed) or
+            ``"never-ablated"``: attention edges are never removed (the masks apply to residual and MLP
+            edges only). That is what the authors' published pipeline computes (its attention masks
+            are never applied; METHOD.md, "Known pitfalls"), so it reproduces their curves; it is not a
+            faithful measurement, and its results say so (``config["attention"]``, the views' titles,
+            the corpus report). :data:`tl_strace.ablation.ATTENTION_MODES`.
+        ablate_attention: the older spelling: ``False`` is ``attention="never-ablated"``.
 
     Returns:
         A :class:`StraceResult`; ``result.tv``, ``result.density``, ``result.subgraph(1e-3)``, ...
@@ -144,7 +149,8 @@ def strace(
     spec = describe_model(model)
     opts = options.TraceOptions(sizes=sizes, method=method, taus=taus, weights=weights, conditions=conditions,
                                 seed=seed, top_k=top_k, batch_size=batch_size, memory_budget=memory_budget,
-                                prepend_bos=prepend_bos, ablate_attention=ablate_attention)  # every check, before any work
+                                prepend_bos=prepend_bos, attention=attention,
+                                ablate_attention=ablate_attention)  # every check, before any work
     # From here on every option is read from ``opts`` (checked and canonical), never from the arguments.
     conds = opts.conditions
     require_ready(model)
@@ -200,7 +206,8 @@ def strace(
     return StraceResult(
         model=spec.to_json(),
         config={"method": opts.method, "weights": opts.weights, "ablation": "zero", "seed": int(opts.seed),
-                "granularity": "token", "ablate_attention": bool(opts.ablate_attention),
+                "granularity": "token", "attention": opts.attention,
+                "ablate_attention": bool(opts.ablate_attention),
                 "sizes": [float(s) for s in strata.params] if opts.method == "strace" else None,
                 "taus": [float(s) for s in strata.params] if opts.method != "strace" else None,
                 "prepend_bos": opts.prepend_bos, "top_k": int(m["ids"].shape[-1]), "version": __version__},

@@ -197,3 +197,19 @@ def test_html_save_refuses_a_special_file(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="not a regular file"):
         HTML("<p>x</p>").save(fifo)
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_attention_mode_flags(model_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--reproduce-reference-pipeline`` is ``--attention never-ablated`` and says so in its output;
+    two attention flags at once are refused by argparse in one line."""
+    base = ["trace", "--model", model_dir, "w2 w3 w4", "--conditions", "only", "--sizes", "0.1", "1.0"]
+    assert main(base + ["--reproduce-reference-pipeline"]) == 0
+    out = capsys.readouterr().out
+    assert "attention: never-ablated" in out and "not a faithful measurement" in out
+    assert main(base) == 0
+    assert "never-ablated" not in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(base + ["--attention", "faithful", "--no-attention-ablation"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not allowed with argument" in err

@@ -302,9 +302,11 @@ def test_component_granularity(model_dir: str, data_file: Path, tmp_path: Path) 
 
 def test_attention_kept_run_and_comparison(model_dir: str, data_file: Path, run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "kept"
-    run_corpus(model_dir, data_file, out, sizes=SIZES, record_sizes=RECORD, ablate_attention=False, progress=False)
+    run_corpus(model_dir, data_file, out, sizes=SIZES, record_sizes=RECORD, attention="never-ablated", progress=False)
     kept, faithful = load_run(out), load_run(run_dir)
-    assert kept.config["ablate_attention"] is False and "attention kept" in kept.name
+    assert kept.config["ablate_attention"] is False and kept.attention == "never-ablated"
+    assert "attention never ablated (reference pipeline)" in kept.name and faithful.attention == "faithful"
+    assert "reference pipeline" not in faithful.name
     assert not np.allclose(kept.curves("tv"), faithful.curves("tv"))
     cmp = attention_ablation_comparison(faithful, kept)
     assert list(cmp["n"]) == [12, 12] and {"mean_tv@0.1", "median_top_token_size"} <= set(cmp.columns)

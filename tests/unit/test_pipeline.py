@@ -127,10 +127,21 @@ def test_l1_weights_are_local(res):
     torch.testing.assert_close(tot[reached], torch.ones_like(tot[reached]), atol=1e-5, rtol=0)
 
 
-def test_attention_never_ablated_differs_from_faithful(gpt2_model, res):
-    r = ts.strace(gpt2_model, TOKS, conditions=["only"], ablate_attention=False)
-    assert r.config["ablate_attention"] is False
+def test_attention_never_ablated_differs_from_faithful(gpt2_model, res, tmp_path):
+    """The reference pipeline's mode is named, recorded, labelled, and the same computation as the
+    older ``ablate_attention=False``; faithful stays the default."""
+    r = ts.strace(gpt2_model, TOKS, conditions=["only"], attention="never-ablated")
+    assert r.config["ablate_attention"] is False and r.config["attention"] == "never-ablated"
+    assert r.attention == "never-ablated" and r.summary()["attention"] == "never-ablated"
+    assert res.attention == "faithful" and res.config["attention"] == "faithful"
     assert not torch.allclose(r.tv, res.tv)
+    old = ts.strace(gpt2_model, TOKS, conditions=["only"], ablate_attention=False)
+    assert torch.equal(old.tv_all, r.tv_all) and old.config["attention"] == "never-ablated"
+    r.save(tmp_path / "r.safetensors")
+    assert ts.StraceResult.load(tmp_path / "r.safetensors").attention == "never-ablated"
+    from tl_strace.cli import format_trace
+    assert "attention never ablated (reference pipeline); not a faithful measurement" in format_trace(r)
+    assert "reference pipeline" not in format_trace(res)
 
 
 def test_batch_size_does_not_change_numbers(gpt2_model, res):

@@ -400,3 +400,16 @@ def test_cli_trace_writes_html(gpt2_model, tmp_path, monkeypatch, capsys):
     text = out.read_text(encoding="utf-8")
     assert "data-tls-circuit" in text and "AttentionHeads" in text and text.count("var CircuitsVis") == 1
     assert "density" in capsys.readouterr().out
+
+
+def test_never_ablated_results_are_labelled_in_every_view(synth):
+    """A result of the reference pipeline's mode (attention never ablated) is never shown unlabelled:
+    the text repr, the HTML header and the plot title say so; a faithful result carries no label."""
+    label = "attention never ablated (reference pipeline)"
+    kept = dataclasses.replace(synth, config={**synth.config, "ablate_attention": False, "attention": "never-ablated"})
+    from tl_strace.views.circuit import summary_text
+
+    assert label in summary_text(kept) and label in kept._repr_html_()
+    assert label in kept.plot().axes[0].get_title()
+    assert label not in summary_text(synth) and label not in synth._repr_html_()
+    assert label not in synth.plot().axes[0].get_title()

@@ -53,10 +53,15 @@ def group_runs(runs: Sequence[CorpusRun]) -> dict[str, Any]:
     """Which runs go together in a report: by model weights, context length and attention ablation.
 
     Returns ``{"faithful": [...], "attention_pairs": [(faithful, kept)], "context_groups": [[...]],
-    "cross_model": [...]}``.
+    "cross_model": {mode: [...]}}``: for each attention mode, one run per model (its longest context).
     """
-    def key(r: CorpusRun) -> str:
-        return str(r.config.get("model", {}).get("weights_sha256"))
+    def key(r: CorpusRun) -> str:  # the weights' identity (run.json: weights_fingerprint; before 0.3 weights_sha256)
+        m = r.config.get("model", {})
+        ident = m.get("weights_fingerprint") or m.get("weights_sha256")
+        if ident is None:
+            raise InputError(f"{r.path}: run.json names no weights fingerprint, so its model cannot be told from "
+                             "another's; rerun it with this version of tl_strace.")
+        return str(ident)
 
     faithful = [r for r in runs if r.config.get("ablate_attention", True)]
     kept = [r for r in runs if not r.config.get("ablate_attention", True)]
@@ -67,21 +72,26 @@ def group_runs(runs: Sequence[CorpusRun]) -> dict[str, Any]:
                     set(f.table.get("id", [])) & set(k.table.get("id", [])):
                 pairs.append((f, k))
                 break
-    by_model: dict[str, list[CorpusRun]] = {}
-    for f in faithful:
-        by_model.setdefault(key(f), []).append(f)
     ctx = []
-    for g in by_model.values():
-        one_per_length: dict[int, CorpusRun] = {}
-        for r in g:
-            if r.context_words is not None:
-                one_per_length.setdefault(r.context_words, r)
-        runs_ = list(one_per_length.values())
-        if len(runs_) > 1 and set.intersection(*(set(r.table["id"]) for r in runs_)):
-            ctx.append(runs_)
-    cross: list[CorpusRun] = []
-    if len(by_model) > 1:  # one run per model, the longest context
-        cross = [max(g, key=lambda r: r.context_words or 0) for g in by_model.values()]
+    for of_mode in (faithful, kept):  # the context-length comparison, within one attention mode
+        by_model: dict[str, list[CorpusRun]] = {}
+        for r in of_mode:
+            by_model.setdefault(key(r), []).append(r)
+        for g in by_model.values():
+            one_per_length: dict[int, CorpusRun] = {}
+            for r in g:
+                if r.context_words is not None:
+                    one_per_length.setdefault(r.context_words, r)
+            runs_ = list(one_per_length.values())
+            if len(runs_) > 1 and set.intersection(*(set(r.table["id"]) for r in runs_)):
+                ctx.append(runs_)
+    cross: dict[str, list[CorpusRun]] = {}
+    for mode, of_mode in (("faithful", faithful), ("never-ablated", kept)):
+        models: dict[str, list[CorpusRun]] = {}
+        for r in of_mode:
+            models.setdefault(key(r), []).append(r)
+        if len(models) > 1:  # one run per model, the longest context
+            cross[mode] = [max(g, key=lambda r: r.context_words or 0) for g in models.values()]
     return {"faithful": faithful, "attention_pairs": pairs, "context_groups": ctx, "cross_model": cross}
 
 

@@ -18,7 +18,7 @@ from tl_strace.analysis._base import (
     _runs,
 )
 from tl_strace.analysis.stats import spearman
-from tl_strace.analysis.tables import edge_shares, lorenz_curves, mean_curve, unigram_frequency
+from tl_strace.analysis.tables import edge_shares, interpolated_curves, lorenz_curves, mean_curve, unigram_frequency
 from tl_strace.errors import InputError
 
 
@@ -75,6 +75,26 @@ def plot_tv_curves(runs: RunLike | Sequence[RunLike], column: str = "tv"):
         ax.plot(c["size"], c["mean"], marker=".", label=_safe(label))
         ax.fill_between(c["size"], c["q25"], c["q75"], alpha=0.2)
     _size_axis(ax, f"{column} (mean, IQR)", xlabel="subgraph size s (fraction of edges)")
+    return fig
+
+
+def plot_interpolated_curves(runs: RunLike | Sequence[RunLike], column: str = "tv", *, band: str = "iqr"):
+    """The picture a reader of paper B compares first: each run's curves resampled on the paper's
+    grid (np.logspace(-5, 0, 150)) and averaged, one line per run with its spread (``band="iqr"``:
+    inter-quartile range; ``"std"``: mean ± one standard deviation). One run: its own figure; several:
+    the overlay. A run whose attention was never ablated says so in its label."""
+    if band not in ("iqr", "std"):
+        raise InputError(f"band must be 'iqr' or 'std'; got {band!r}.")
+    rs = _runs(runs)
+    fig, ax = _figure()
+    for r, label in zip(rs, _labels(rs)):
+        c = interpolated_curves(r, column)
+        lo, hi = (c["q25"], c["q75"]) if band == "iqr" else (c["mean"] - c["std"], c["mean"] + c["std"])
+        ax.plot(c["size"], c["mean"], label=_safe(f"{label} (n = {int(c['n'].iloc[0])})"))
+        ax.fill_between(c["size"], lo, hi, alpha=0.2)
+    what = "IQR" if band == "iqr" else "± 1 sd"
+    _size_axis(ax, f"{column} to the full model (mean, {what})", xlabel="subgraph size s (fraction of edges)")
+    ax.legend(fontsize="small", loc="lower left")  # TV curves fall to the right: the lower left is free
     return fig
 
 
@@ -163,7 +183,7 @@ def plot_attention_ablation(faithful: RunLike, kept: RunLike):
     """Mean TV against s for the faithful run and the run with attention never ablated."""
     a, b = _run(faithful), _run(kept)
     fig, ax = _figure()
-    for r, lab in ((a, "attention ablated (faithful)"), (b, "attention never ablated")):
+    for r, lab in ((a, "attention ablated (faithful)"), (b, "attention never ablated (reference pipeline)")):
         c = mean_curve(r, "tv")
         ax.plot(c["size"], c["mean"], marker=".", label=lab)
         ax.fill_between(c["size"], c["q25"], c["q75"], alpha=0.2)

@@ -54,6 +54,19 @@ def mean_curve(run: RunLike, column: str = "tv") -> pd.DataFrame:
                              "n": np.isfinite(v).sum(0)})
 
 
+def interpolated_curves(run: RunLike, column: str = "tv") -> pd.DataFrame:
+    """Every passage's curve resampled onto paper B's grid (:data:`tl_strace.density.CURVE_GRID`,
+    ``np.logspace(-5, 0, 150)``, linear in log10 s; METHOD.md §6), then averaged: size, mean, std,
+    q25, median, q75, n. Unlike :func:`mean_curve` (the recorded strata), runs with different sizes
+    land on one grid, so models can be overlaid."""
+    r = _run(run)
+    _need(r, "sizes", column)
+    v = np.stack([interpolate_curve(x, y) for x, y in zip(r.table["sizes"], r.table[column])])
+    return pd.DataFrame({"size": CURVE_GRID.copy(), "mean": v.mean(0), "std": v.std(0, ddof=1) if len(v) > 1
+                         else np.full(len(CURVE_GRID), np.nan), "q25": np.percentile(v, 25, 0),
+                         "median": np.median(v, 0), "q75": np.percentile(v, 75, 0), "n": len(v)})
+
+
 def _value_at(run: CorpusRun, column: str, s: float) -> np.ndarray:
     """Per passage, a per-stratum column at size s (the nearest stratum on a log scale)."""
     x, v = _on_grid(run, column)
@@ -279,7 +292,7 @@ def attention_ablation_comparison(faithful: RunLike, kept: RunLike,
     if not ids:
         raise InputError(f"{a.path} and {b.path} share no passages.")
     rows = []
-    for label, r in (("attention ablated (faithful)", a), ("attention never ablated", b)):
+    for label, r in (("attention ablated (faithful)", a), ("attention never ablated (reference pipeline)", b)):
         t = r.table.set_index("id").loc[ids].reset_index()
         sub = CorpusRun(r.path, r.config, r.versions, t, r.skipped, r.unigram)
         row: dict[str, Any] = {"run": label, "n": len(t), "mean_density": t["density"].mean(),

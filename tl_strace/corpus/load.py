@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tl_strace.ablation import attention_label
 from tl_strace.corpus._base import CONFIG_FILE, ISSUES_FILE, SHARD_GLOB, UNIGRAM_FILE
 from tl_strace.corpus._store import _Schema, _merge, _read_issues, _read_meta, _read_shard, _read_unigram
 from tl_strace.errors import InputError, ResultsError
@@ -40,13 +41,19 @@ class CorpusRun:
         label = str(m.get("model_name") or m.get("argument") or self.path.name)
         if self.context_words is not None:
             label += f", {self.context_words} words"
-        if not self.config.get("ablate_attention", True):
-            label += " (attention kept)"
+        if self.attention != "faithful":
+            label += f", {attention_label(self.attention)}"
         if self.config.get("ablation") == "mean":
             label += " (mean abl.)"
         if self.config.get("granularity") == "component":
             label += " (components)"
         return label
+
+    @property
+    def attention(self) -> str:
+        """The run's attention mode (:data:`tl_strace.ablation.ATTENTION_MODES`); run.json stores it as
+        ``ablate_attention`` (true: ``"faithful"``), as every run since 0.1 has."""
+        return "faithful" if self.config.get("ablate_attention", True) else "never-ablated"
 
     @property
     def context_words(self) -> int | None:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tl_strace.ablation import CONDITIONS
+from tl_strace.ablation import ATTENTION_MODES, CONDITIONS
 from tl_strace.errors import InputError
 from tl_strace.graph import EdgeLayout
 from tl_strace.search import NOT_IN_ANY, check_sizes, target_counts
@@ -118,6 +118,13 @@ def _check_result(res: Any) -> None:
     if "ablate_attention" in cfg and (component or not isinstance(cfg["ablate_attention"], bool)):
         raise _Bad("config.ablate_attention", f"must be true or false on a token-level result only, got "
                                               f"{cfg['ablate_attention']!r}")
+    if "attention" in cfg:
+        if component or cfg["attention"] not in ATTENTION_MODES:
+            raise _Bad("config.attention", f"must be one of {list(ATTENTION_MODES)} on a token-level result only, "
+                                           f"got {cfg['attention']!r}")
+        if cfg.get("ablate_attention", True) != (cfg["attention"] == "faithful"):
+            raise _Bad("config.attention", f"is {cfg['attention']!r} but config.ablate_attention is "
+                                           f"{cfg.get('ablate_attention')!r}: the two disagree")
     if "top_k" in cfg and not (_is_int(cfg["top_k"]) and cfg["top_k"] >= 1):
         raise _Bad("config.top_k", f"must be a positive integer, got {cfg['top_k']!r}")
     if not isinstance(res.timings, dict) or not all(isinstance(k, str) and _is_num(v) for k, v in res.timings.items()):

@@ -122,6 +122,12 @@ class TraceResult:
     def kl(self) -> Float[Tensor, "stratum"]:
         return self.curve("kl")
 
+    @property
+    def attention(self) -> str:
+        """How attention edges were treated (:data:`tl_strace.ablation.ATTENTION_MODES`): ``"faithful"``,
+        or ``"never-ablated"`` (the reference pipeline's mode; not a faithful measurement)."""
+        return "faithful" if self.config.get("ablate_attention", True) else "never-ablated"
+
     # ---------------------------------------------------------------- density
     @property
     def density(self) -> float:
@@ -176,6 +182,7 @@ class TraceResult:
             "full_ce": self.full_ce,
             "n_tokens": len(self.str_tokens),
             f"n_{self.UNIT}": self.n_total,
+            "attention": self.attention,
         }
 
     # ---------------------------------------------------------------- storage

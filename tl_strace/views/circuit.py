@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from tl_strace.ablation import attention_label
 from tl_strace.results import TraceResult
 from tl_strace.views._assets import circuit_css, circuit_js
 from tl_strace.views._data import component_stats, is_token_level, stratum_index, token_edges
@@ -123,18 +124,26 @@ def summary_text(res: TraceResult) -> str:
     return (f"tl_strace view of {res.model.get('name', '')!s}: {len(res.str_tokens)} tokens, {res.n_total:,} "
             f"{res.UNIT}, {res.config.get('method', '')} ({res.config.get('weights', '')} weights); density "
             f"{res.density:.3f}; full model -> {res.full_top_strs[0]!r} (p {float(res.full_top_probs[0]):.3f}); "
-            f"smallest s reaching a shared nucleus of {levels}")
+            f"smallest s reaching a shared nucleus of {levels}{_mode_text(res)}")
+
+
+def _mode_text(res: TraceResult) -> str:
+    """The attention-mode label a result that is not a faithful measurement always carries."""
+    return "" if res.attention == "faithful" else f"; {attention_label(res.attention)}: not a faithful measurement"
 
 
 def summary_html(res: TraceResult) -> str:
     """One escaped header line (model, sizes, density, full top token, recovery) and the input text."""
     rec = res.recovery_sizes()
     p = float(res.full_top_probs[0])
+    mode = "" if res.attention == "faithful" else \
+        f" · <b class=\"tls-mode\">{esc(attention_label(res.attention))}</b>: not a faithful measurement"
     head = (f"<div class=\"tls-hd\"><b>{esc(res.model.get('name', ''))}</b> · {len(res.str_tokens)} tokens · "
             f"{res.n_total:,} {res.UNIT} · {esc(res.config.get('method', ''))} ({esc(res.config.get('weights', ''))} "
             f"weights) · <b>density {res.density:.3f}</b> (area under TV over log<sub>10</sub> s) · "
             f"full model → <b>{esc(repr(res.full_top_strs[0]))}</b> (p {p:.3f}, entropy {res.full_entropy:.2f} "
-            f"nats) · top token recovered at s = {_fmt_s(rec.get(1, float('nan')))}</div>")
+            f"nats) · top token recovered at s = {_fmt_s(rec.get(1, float('nan')))}"
+            f"{mode}</div>")
     toks = "".join(f"<span>{esc(t)}</span>" for t in res.str_tokens[:-1])
     toks += f"<span class=\"tls-last\" title=\"the last token: the view traces the prediction after it\">" \
             f"{esc(res.str_tokens[-1])}</span>"

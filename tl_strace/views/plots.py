@@ -16,6 +16,7 @@ import math
 import os
 from typing import Any
 
+from tl_strace.ablation import attention_label
 from tl_strace.errors import InputError
 from tl_strace.results import TraceResult
 from tl_strace.views._data import edge_shares
@@ -83,6 +84,8 @@ def plot_curves(res: TraceResult, metric: str = "tv", *, ax: Any = None) -> Any:
     ax.set_ylabel(_TITLES[metric])
     name = _plain(res.model.get("name", ""))
     title = f"{name}: density {res.density:.3f}" if metric == "tv" else name
+    if res.attention != "faithful":  # never shown unlabelled
+        title += f"\n{attention_label(res.attention)}"
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="major", color="#e5e7eb", lw=0.6)
     ax.legend(fontsize=8, frameon=False, loc="best")

@@ -1,0 +1,148 @@
+"""The findings table (issue 16): its fixed rules, its file block, and docs/findings.md against the committed runs.
+
+The rules are tested on runs of a tiny model whose columns are then set by hand, so each verdict is
+forced by the data it is given (a rule that ignored its numbers would fail one of the two sides).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.unit.test_corpus import save_tiny_model, word_passages
+from tl_strace.analysis import findings_markdown, findings_table, phases_table, update_findings_file, write_report
+from tl_strace.analysis.findings import BEGIN, END
+from tl_strace.cli import main
+from tl_strace.corpus import CorpusRun, load_run, run_corpus
+from tl_strace.io.datasets import write_passages
+
+ROOT = Path(__file__).resolve().parents[2]
+SIZES = [1e-3, 0.005, 0.01, 0.05, 0.1, 0.4, 1.0]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[CorpusRun, CorpusRun]:
+    torch.set_num_threads(1)
+    model = save_tiny_model(tmp_path_factory.mktemp("tiny"))
+    data = tmp_path_factory.mktemp("data") / "p.jsonl"
+    write_passages(word_passages(16), data)
+    out = tmp_path_factory.mktemp("runs")
+    run_corpus(model, data, out / "f", sizes=SIZES, record_sizes=[1e-3, 0.4], progress=False)
+    run_corpus(model, data, out / "n", sizes=SIZES, record_sizes=[1e-3, 0.4], attention="never-ablated",
+               progress=False)
+    return load_run(out / "f"), load_run(out / "n")
+
+
+def _as(run: CorpusRun, name: str, **cols: np.ndarray) -> CorpusRun:
+    """A copy of ``run`` named ``name`` (another model) with some table columns replaced."""
+    t = run.table.copy()
+    for k, v in cols.items():
+        t[k] = v
+    cfg = {**run.config, "model": {**run.config["model"], "model_name": name, "weights_fingerprint": name}}
+    return dataclasses.replace(run, config=cfg, table=t)
+
+
+def _row(df, finding: str, attention: str = "faithful", model: str | None = None):
+    sel = df[df["finding"].str.startswith(finding) & (df["attention"] == attention)]
+    if model is not None:
+        sel = sel[sel["model"] == model]
+    assert len(sel) == 1, df
+    return sel.iloc[0]
+
+
+def test_every_finding_for_each_mode_with_its_numbers(runs) -> None:
+    f, n = runs
+    df = findings_table([f, n])
+    assert set(df["attention"]) == {"faithful", "never-ablated"}
+    assert set(df["verdict"]) <= {"reproduced", "not reproduced", "contradicted", "mixed"}
+    for mode in ("faithful", "never-ablated"):
+        for finding in ("1.", "2.", "3.", "A. rarer"):
+            row = _row(df, finding, mode)
+            assert row["n"] == 16 and row["numbers"]
+    ph = phases_table([f, n])
+    assert list(ph["attention"]) == ["faithful", "never-ablated"] and (ph["n"] == 16).all()
+    # the two modes measure different things on the same passages
+    assert ph["TV@0.01"].iloc[0] != ph["TV@0.01"].iloc[1]
+
+
+def test_entropy_rule_follows_its_data(runs) -> None:
+    f, _ = runs
+    ent = np.linspace(1.0, 5.0, len(f.table))
+    up = findings_table([_as(f, "m", full_entropy=ent, density=ent)])
+    down = findings_table([_as(f, "m", full_entropy=ent, density=-ent)])
+    noise = findings_table([_as(f, "m", full_entropy=ent, density=np.array([1.0, -1.0] * 8))])
+    assert _row(up, "2.")["verdict"] == "reproduced"
+    assert _row(down, "2.")["verdict"] == "contradicted"
+    assert _row(noise, "2.")["verdict"] == "not reproduced"
+
+
+def test_cross_model_rule_pairs_the_same_passages(runs) -> None:
+    f, n = runs
+    d = f.table["density"].to_numpy()
+    rank = np.argsort(np.argsort(d)).astype(float)
+    a, b = _as(f, "a", density=rank), _as(f, "b", density=rank + 0.1)
+    c = _as(f, "c", density=-rank)
+    same = _row(findings_table([a, b]), "4.")
+    assert same["verdict"] == "reproduced" and "mean Spearman rho 1 over 1 pairs" in same["numbers"]
+    assert "outside paper B's range 0.263–0.711" in same["numbers"] and same["n"] == 16
+    mixed = _row(findings_table([a, b, c]), "4.")
+    assert mixed["verdict"] == "mixed" and "over 3 pairs" in mixed["numbers"]
+    # one row per attention mode; never-ablated runs are never paired with faithful ones
+    df = findings_table([a, b, _as(n, "a"), _as(n, "b")])
+    assert len(df[df["finding"].str.startswith("4.")]) == 2
+
+
+def test_findings_file_block_is_replaced_and_escaped(runs, tmp_path: Path) -> None:
+    f, n = runs
+    hostile = _as(f, "<img src=x onerror=alert(1)>|*m*")
+    doc = tmp_path / "findings.md"
+    doc.write_text("# Findings\n\nProse a reader wrote.\n\n" + BEGIN + "\nold\n" + END + "\n\nMore prose.\n")
+    text = update_findings_file(doc, [hostile, n])
+    assert text.startswith("# Findings\n\nProse a reader wrote.") and text.endswith("More prose.\n")
+    assert "old" not in text and "<img" not in text and "&lt;img" in text and "\\*m\\*" in text
+    assert update_findings_file(doc, [hostile, n]) == text  # idempotent
+    # the CLI writes the same block beside the report
+    out = tmp_path / "cli.md"
+    assert main(["report", str(f.path), str(n.path), "--out", str(tmp_path / "rep"), "--format", "md",
+                 "--findings", str(out)]) == 0
+    assert findings_markdown([f, n]) in out.read_text()
+    # the report carries both modes, labelled
+    md = write_report([f, n], tmp_path / "r", formats=["md"])[0].read_text()
+    assert "Finding 1: the two phases" in md and "attention never ablated (reference pipeline)" in md
+
+
+def test_committed_findings_match_the_committed_runs() -> None:
+    """docs/findings.md's generated block is what the report computes from findings/runs (issue 16,
+    acceptance 1): regenerate with findings/regenerate.sh after the runs grow."""
+    dirs = sorted(glob.glob(str(ROOT / "findings" / "runs" / "*" / "*")))
+    if not dirs:
+        pytest.skip("no committed runs under findings/runs")
+    text = (ROOT / "docs" / "findings.md").read_text(encoding="utf-8")
+    assert BEGIN in text and END in text, "docs/findings.md lost its generated block"
+    committed = text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n")
+    assert committed == findings_markdown(dirs).strip("\n")
+
+
+def test_runs_are_grouped_by_their_weights(runs) -> None:
+    """Two models, two context lengths each: context groups never mix models, and the cross-model
+    comparison pairs one run per model per attention mode. (The grouping once keyed runs by a field
+    run.json no longer writes, so every run looked like one model: no cross-model section, and
+    context groups across models.)"""
+    from tl_strace.analysis._base import group_runs
+
+    f, n = runs
+    cut, full = {"context_words": np.full(len(f.table), 20)}, {"context_words": np.full(len(f.table), 40)}
+    a40, b40 = _as(f, "a", **full), _as(f, "b", density=f.table["density"].to_numpy()[::-1].copy(), **full)
+    a20, b20 = _as(f, "a", **cut), _as(f, "b", **cut)
+    g = group_runs([a40, b40, a20, b20, _as(n, "a", **full), _as(n, "b", **full)])
+    assert [[r.config["model"]["model_name"] for r in grp] for grp in g["context_groups"]] == [["a", "a"], ["b", "b"]]
+    assert {m: [r.config["model"]["model_name"] for r in rs] for m, rs in g["cross_model"].items()} == \
+        {"faithful": ["a", "b"], "never-ablated": ["a", "b"]}
+    assert [(x.config["model"]["model_name"], y.config["model"]["model_name"]) for x, y in g["attention_pairs"]] == \
+        [("a", "a"), ("b", "b")]
