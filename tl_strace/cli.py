@@ -286,7 +286,10 @@ def _run_report(args: argparse.Namespace) -> int:
     elif not os.access(anc, os.W_OK | os.X_OK):
         raise OutputPathError(f"Cannot write the report {str(base)!r}: the directory {str(anc)!r} is not writable.")
     if args.findings:
+        from tl_strace.analysis.findings import check_findings_file
+
         check_output_path(args.findings, what="--findings file")
+        check_findings_file(args.findings)  # UTF-8, one block or none: before the report is built
     for path in write_report(args.dirs, args.out, formats=args.format, title=args.title):
         print(path)
     if args.findings:

@@ -146,3 +146,26 @@ def test_runs_are_grouped_by_their_weights(runs) -> None:
         {"faithful": ["a", "b"], "never-ablated": ["a", "b"]}
     assert [(x.config["model"]["model_name"], y.config["model"]["model_name"]) for x, y in g["attention_pairs"]] == \
         [("a", "a"), ("b", "b")]
+
+
+@pytest.mark.parametrize("text, words", [
+    (f"a\n{END}\nb\n{BEGIN}\nc\n", "(end before begin)"),
+    (f"keep me\n{BEGIN}\nuser text\n", "1 begin and 0 end"),
+    (f"{BEGIN}\nx\n{END}\n{BEGIN}\ny\n{END}\n", "2 begin and 2 end"),
+])
+def test_findings_file_with_stray_markers_is_refused_untouched(runs, tmp_path: Path, text: str, words: str,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A stray, doubled or reversed marker would make the update drop the reader's text or keep a stale
+    table: refused in one line, file unchanged — and by the CLI before the report is written."""
+    from tl_strace.errors import InputError
+
+    f, n = runs
+    doc = tmp_path / "findings.md"
+    doc.write_text(text)
+    with pytest.raises(InputError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        update_findings_file(doc, [f, n])
+    assert doc.read_text() == text
+    rep = tmp_path / "rep"
+    assert main(["report", str(f.path), "--out", str(rep), "--findings", str(doc)]) == 2
+    assert words in capsys.readouterr().err and not list(tmp_path.glob("rep*"))
+    assert doc.read_text() == text

@@ -170,6 +170,7 @@ HOLES = {
     "ablate_attention_not_bool": (lambda m: m["config"].update(ablate_attention="no"), None,
                                   "config.ablate_attention"),
     "attention_unknown": (lambda m: m["config"].update(attention="kept"), None, "config.attention"),
+    "attention_a_list": (lambda m: m["config"].update(attention=["x"]), None, "config.attention"),
     "attention_disagrees": (lambda m: m["config"].update(attention="never-ablated"), None, "config.attention"),
     "mean_ablation_on_tokens": (lambda m: m["config"].update(ablation="mean"), None, "config.ablation"),
     "ce_without_target": (lambda m: m.update(target=None), None, "ce_all"),

@@ -22,7 +22,8 @@ log scale (the default sizes hold 1e-3, 1e-2, 0.1 and 0.4 exactly).
    frequent in more passages than less frequent, sign-test p < ALPHA reproduced; the opposite
    significantly contradicted; else not reproduced.
 4. **Density correlates across models.** Per pair of models, Spearman rho of per-passage density
-   over the passages both traced (40-word runs of one attention mode): every pair rho > 0 with
+   over the passages both traced (each model's longest-context run of one attention mode; n in the
+   table is the smallest pair's passage count): every pair rho > 0 with
    p < ALPHA reproduced, none not reproduced, some mixed; the mean rho beside paper B's 0.515
    (range 0.263–0.711 over 45 pairs of 7–14B models).
 
@@ -53,7 +54,7 @@ from tl_strace.analysis.tables import (
 from tl_strace.corpus import CorpusRun
 from tl_strace.errors import InputError
 
-__all__ = ["ALPHA", "PAPER_B_CROSS_MODEL", "findings_markdown", "findings_table", "phases_table",
+__all__ = ["ALPHA", "PAPER_B_CROSS_MODEL", "check_findings_file", "findings_markdown", "findings_table", "phases_table",
            "update_findings_file"]
 
 ALPHA = 0.05
@@ -86,6 +87,18 @@ def _g(x: float) -> str:
 def _p(p: float) -> str:
     """``"= 0.032"`` or ``"< 1e-4"``: what follows a "p" in the table's sentences."""
     return "n/a" if p is None or math.isnan(p) else ("< 1e-4" if p < 1e-4 else f"= {p:.2g}")
+
+
+def _nearest(run: CorpusRun, s: float) -> float:
+    """The recorded size the ``s`` of a rule reads (the nearest stratum on a log scale)."""
+    sizes = np.asarray(run.table["sizes"].iloc[0], dtype=np.float64)
+    return float(sizes[int(np.argmin(np.abs(np.log10(sizes) - math.log10(s))))])
+
+
+def _at(run: CorpusRun, s: float) -> str:
+    """``"1e-3"`` when the run recorded that size, else what it read instead, said so."""
+    got = _nearest(run, s)
+    return f"{s:g}" if math.isclose(got, s, rel_tol=1e-9) else f"{got:g} (nearest recorded to {s:g})"
 
 
 def _mean_at(run: CorpusRun, column: str, s: float) -> float:
@@ -145,7 +158,8 @@ def _finding1(r: CorpusRun) -> dict[str, Any]:
     attn_core, attn_ref = ph[f"attn share@{MINIMAL_CORE:g}"], ph[f"attn share@{REFINED:g}"]
     parts = [bool(top <= BOUNDARY), bool(early > 0.5), bool(late_ref > late_core and attn_ref > attn_core)]
     numbers = (f"top token returns at median s = {_g(top)} ({'≤' if parts[0] else '>'} 1e-2); "
-               f"first-half share at 1e-3 {_g(early)}; from 1e-3 to 0.4 the second-half share "
+               f"first-half share at {_at(r, MINIMAL_CORE)} {_g(early)}; from {_at(r, MINIMAL_CORE)} to "
+               f"{_at(r, REFINED)} the second-half share "
                f"{_g(late_core)} → {_g(late_ref)} and the attention share {_g(attn_core)} → {_g(attn_ref)}; "
                f"mean TV at 1e-3 / 1e-2 / 0.1: {_g(ph['TV@0.001'])} / {_g(ph['TV@0.01'])} / {_g(ph['TV@0.1'])}")
     return {"finding": "1. two phases", "verdict": _all_some(parts), "numbers": numbers, "n": len(r.table)}
@@ -168,7 +182,7 @@ def _finding3(r: CorpusRun) -> dict[str, Any] | None:
     else:
         verdict = "not reproduced"
     return {"finding": "3. sparse strata predict frequent tokens", "verdict": verdict,
-            "numbers": f"at s = 1e-3 the stratum's top token is more frequent than the full model's in "
+            "numbers": f"at s = {_at(r, MINIMAL_CORE)} the stratum's top token is more frequent than the full model's in "
                        f"{_g(100 * more)} % of passages, less in {_g(100 * less)} % (sign test p {_p(p)}); "
                        f"same token in {_g(100 * row['frac_same_token'])} %", "n": len(r.table)}
 
@@ -204,7 +218,8 @@ def _finding4(runs: Sequence[CorpusRun], mode: str) -> dict[str, Any] | None:
     sig = [bool(rho > 0 and p < ALPHA) for *_, rho, p, _ in pairs]
     mean = float(np.mean([rho for *_, rho, _, _ in pairs]))
     b = PAPER_B_CROSS_MODEL
-    where = "inside" if b["min"] <= mean <= b["max"] else "outside"
+    where = "n/a: a pair has no rho," if math.isnan(mean) else ("inside" if b["min"] <= mean <= b["max"]
+                                                                  else "outside")
     each = "; ".join(f"{_cell(a)} ~ {_cell(c)}: {_g(rho)} (p {_p(p)}, n {n})" for a, c, rho, p, n in pairs)
     return {"finding": "4. density correlates across models", "model": "every pair", "attention": mode,
             "verdict": _all_some(sig),
@@ -277,17 +292,40 @@ def findings_markdown(runs: RunLike | Sequence[RunLike]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_findings_file(path: Any) -> str:
+    """The current text of a findings file (``"# Findings"`` for a new one), refused in one line
+    unless it is UTF-8 and holds either no marker or exactly one BEGIN followed by exactly one END:
+    anything else (a stray marker, two blocks, END first) would make the update drop or keep text
+    the reader did not mean to."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.exists():
+        return "# Findings\n\n"
+    try:
+        old = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{p} is not UTF-8 text ({e.reason} at byte {e.start}); give a Markdown file.") from None
+    nb, ne = old.count(BEGIN), old.count(END)
+    if (nb, ne) != (0, 0) and not (nb == 1 and ne == 1 and old.index(BEGIN) < old.index(END)):
+        raise InputError(f"{p} has {nb} begin and {ne} end marker(s) of the generated findings block"
+                         f"{' (end before begin)' if nb == ne == 1 else ''}; keep exactly one block "
+                         "(begin, then end) or none, then rerun.")
+    return old
+
+
 def update_findings_file(path: Any, runs: RunLike | Sequence[RunLike]) -> str:
     """Replace the generated block of ``path`` (between the markers) with :func:`findings_markdown`;
-    a file without the markers gets the block appended. Returns the new text (written atomically)."""
+    a file without the markers gets the block appended; a file with stray markers is refused
+    (:func:`check_findings_file`). Returns the new text (written atomically)."""
     from pathlib import Path
 
     from tl_strace.fsutil import atomic_write
 
     p = Path(path)
-    old = p.read_text(encoding="utf-8") if p.exists() else "# Findings\n\n"
+    old = check_findings_file(p)
     block = f"{BEGIN}\n{findings_markdown(runs)}{END}"
-    if BEGIN in old and END in old:
+    if BEGIN in old:
         head, rest = old.split(BEGIN, 1)
         new = head + block + rest.split(END, 1)[1]
     else:

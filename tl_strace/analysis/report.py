@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tl_strace.ablation import attention_label
 from tl_strace.analysis._base import RunLike, _labels, as_runs, group_runs
 from tl_strace.analysis.findings import phases_table
 from tl_strace.analysis.plots import (
@@ -270,7 +271,7 @@ def build_report(runs: Sequence[RunLike], *, title: str = "tl_strace corpus repo
         doc.figure(plot_density_vs_context(g), f"context-{_slug(g[0].name)}", "Density per context length")
 
     for mode, group in groups["cross_model"].items():
-        doc.h(f"Finding 4: density across models — attention {mode}")
+        doc.h(f"Finding 4: density across models — {attention_label(mode) or 'faithful'}")
         m = cross_model_density(group)
         doc.table(m.reset_index(names="run"), "Spearman rho between models' per-passage densities, over the "
                   "passages both traced (paper B: mean 0.515, range 0.263–0.711, over 45 pairs of 7–14B models)")

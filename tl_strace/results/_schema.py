@@ -119,7 +119,7 @@ def _check_result(res: Any) -> None:
         raise _Bad("config.ablate_attention", f"must be true or false on a token-level result only, got "
                                               f"{cfg['ablate_attention']!r}")
     if "attention" in cfg:
-        if component or cfg["attention"] not in ATTENTION_MODES:
+        if component or not isinstance(cfg["attention"], str) or cfg["attention"] not in ATTENTION_MODES:
             raise _Bad("config.attention", f"must be one of {list(ATTENTION_MODES)} on a token-level result only, "
                                            f"got {cfg['attention']!r}")
         if cfg.get("ablate_attention", True) != (cfg["attention"] == "faithful"):

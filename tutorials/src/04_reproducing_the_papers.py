@@ -149,6 +149,10 @@ buf = io.BytesIO()
 fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
 Image(buf.getvalue())
 
+# %% [markdown]
+# The picture a reader of paper B compares first: every passage's curve resampled on the paper's grid
+# (`np.logspace(-5, 0, 150)`), averaged per model with its inter-quartile band, the models overlaid.
+
 # %%
 fig = analysis.plot_interpolated_curves(list(runs.values()))  # paper B's grid, one line per model
 buf = io.BytesIO()
