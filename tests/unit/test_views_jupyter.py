@@ -214,6 +214,50 @@ def test_script_swaps_static_for_live():
     assert ".tls-live" in js and ".tls-static-img" in js and "innerHTML" not in js
 
 
+def test_slider_keys_are_handled_by_the_view():
+    """Inside JupyterLab / Notebook 7 the notebook's arrow-key shortcuts would take the slider's keys
+    (the live check is tests/integration/test_jupyter.py): the script handles them itself and stops them."""
+    from tl_strace.views._assets import circuit_js
+
+    js = circuit_js()
+    handler = js[js.index('slider.addEventListener("keydown"'):]
+    handler = handler[:handler.index("});")]
+    for key in ("ArrowRight", "ArrowLeft", "ArrowUp", "ArrowDown"):
+        assert key in js
+    assert '"Home"' in handler and '"End"' in handler
+    assert "stopPropagation()" in handler and "preventDefault()" in handler
+
+
+def test_circuitsvis_figures_carry_a_static_summary(synth):
+    """Where scripts do not run, each circuitsvis figure still shows its key numbers as a table
+    (token text escaped); the figure's script hides the table once circuitsvis has drawn."""
+    from tl_strace.views.detail import attention_patterns
+
+    L, H, T = synth.layout.n_layers, synth.layout.n_heads, synth.layout.n_pos
+    import torch
+
+    patterns = torch.full((L, H, T, T), 1.0 / T)
+    figs = [attention_patterns(synth, patterns, float(synth.sizes[-1])), colored_tokens(synth),
+            colored_tokens(synth, 0.1), topk_tokens(synth)]
+    for fig in figs:
+        assert not fig.empty and len(fig.table) > 1
+        html = fig._repr_html_()
+        tables = re.findall(r'<table class="tls-cv-static" id="([^"]+)"', html)
+        (fid,) = _render_targets(html)
+        assert tables == [f"{fid}-static"]
+        assert f'document.getElementById("{fid}-static").hidden = true;' in html
+        text = "".join(_sanitized(html).out)
+        for cell in fig.table[1]:
+            assert cell in text
+        assert "<img src=x" not in html.split("<script>")[1 if html.startswith("<script>") else 0]
+    top = topk_tokens(synth).table
+    assert top[1] == ("full model", repr(synth.full_top_strs[0]), f"{float(synth.full_top_probs[0]):.3f}")
+    # the injected token of the synthetic result stays text in the summary
+    shares = "".join(_sanitized(colored_tokens(synth)._repr_html_()).out)
+    assert "</script><img src=x onerror=alert(1)>" in shares
+    assert "&lt;/script&gt;&lt;img" in colored_tokens(synth)._repr_html_()
+
+
 def test_text_reprs_are_short_and_carry_the_key_numbers(synth):
     view = circuit_view(synth)
     text = repr(view)

@@ -12,6 +12,14 @@ circuitsvis's own ``RenderedHTML`` reads the bundle from disk on every call, inl
 figure, probes google.com on every display, and places props in a ``<script>`` unescaped. Here the
 bundle is read once per process, included once per page, and props are script-safe JSON.
 
+In a notebook each display carries the bundle (1.3 MB: a saved notebook grows by about that much
+per circuitsvis display, whether it holds one figure or the three of :func:`detail_views`). One copy
+per notebook (a later display reusing a bundle an earlier output loaded) is not done on purpose:
+a saved output would then render only if that earlier output is still in the notebook and drawn
+first, which re-running or clearing a cell, or JupyterLab's lazy rendering of off-screen cells,
+break. Beside each figure, a plain table of its key numbers (:func:`static_table`) is what an
+untrusted notebook or a preview shows; the figure's script hides it once circuitsvis has drawn.
+
 >>> figs = res.detail_views(1e-2, model=model)      # or detail_views(res, 1e-2, patterns=res.clean_patterns(model))  # doctest: +SKIP
 >>> figs                                            # in Jupyter: three circuitsvis figures  # doctest: +SKIP
 >>> figs.save("details.html")                       # doctest: +SKIP
@@ -43,6 +51,7 @@ __all__ = [
     "detail_views",
     "figures_html",
     "restricted_patterns",
+    "static_table",
     "topk_tokens",
 ]
 
@@ -72,12 +81,18 @@ class CircuitsvisFigure:
     A figure with ``component=""`` has nothing to draw (e.g. no attention edges at the chosen size):
     it renders as its title and note only, with no circuitsvis call, since circuitsvis components
     throw in the browser on empty data (``AttentionHeads`` with no heads: ``reading 'map'``).
+
+    ``table`` is the figure's key numbers as plain text (a header row, then data rows): rendered as
+    an HTML ``<table>`` beside the figure, it is what a reader sees where scripts do not run (an
+    untrusted notebook, a preview: JupyterLab's sanitizer keeps tables and text); the figure's
+    script hides it once circuitsvis has drawn.
     """
 
     component: str
     props: dict[str, Any]
     title: str
     note: str = ""
+    table: tuple[tuple[str, ...], ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -115,10 +130,28 @@ def figures_html(figures: list[CircuitsvisFigure], *, bundle: bool = True) -> st
             continue
         props = script_json(fig.props)
         fid = render_id("tls-cv", fig.component, props, str(i))  # fresh per render: a figure shown twice works
+        hide = f'document.getElementById("{fid}-static").hidden = true;' if fig.table else ""
         parts.append(f'<div class="tls-cv"><div class="tls-pt"><b>{esc(fig.title)}</b></div>'
-                     f'<div class="tls-note">{esc(fig.note)}</div><div id="{fid}"></div>'
-                     f'<script>CircuitsVis.render("{fid}", CircuitsVis.{fig.component}, {props});</script></div>')
+                     f'<div class="tls-note">{esc(fig.note)}</div>{static_table(fig.table, f"{fid}-static")}'
+                     f'<div id="{fid}"></div>'
+                     f'<script>CircuitsVis.render("{fid}", CircuitsVis.{fig.component}, {props});{hide}</script></div>')
     return "\n".join(parts)
+
+
+def static_table(rows: tuple[tuple[str, ...], ...], table_id: str) -> str:
+    """``rows`` (a header row, then data rows; plain text, escaped here) as a small HTML table with
+    class ``tls-cv-static``: the static summary of a circuitsvis figure. Empty ``rows``: ``""``."""
+    if not rows:
+        return ""
+    head = "".join(f"<th>{esc(c)}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows[1:])
+    return (f'<table class="tls-cv-static" id="{esc(table_id)}" style="border-collapse:collapse;font-size:12px;'
+            f'margin:4px 0"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
+
+
+def _tok(t: str) -> str:
+    """A token as table text: its repr, so spaces and newlines show."""
+    return repr(t)
 
 
 def restricted_patterns(res: TraceResult, pattern: Float[Tensor, "layer head pos pos_src"],
@@ -168,6 +201,12 @@ def attention_patterns(res: TraceResult, patterns: Float[Tensor, "layer head pos
     names = [f"L{c // H}H{c % H} ({n_of(st.n_edges[k, c])})" for c in heads]
     values = [[[round_sig(v, 3) for v in row] for row in head] for head in att.tolist()]
     size = float(res.sizes[k])
+    toks = list(res.str_tokens)
+    table: list[tuple[str, ...]] = [("head", "kept edges", "strongest kept attention (target ← source)", "weight")]
+    for c, a in zip(heads, att):  # each head's strongest kept attention weight
+        t, src = divmod(int(torch.argmax(a)), a.shape[1])
+        table.append((f"L{c // H}H{c % H}", f"{int(st.n_edges[k, c]):,}",
+                      f"{_tok(toks[t])} ({t}) ← {_tok(toks[src])} ({src})", f"{float(a[t, src]):.3f}"))
     return CircuitsvisFigure(
         "AttentionHeads",
         {"attention": values, "tokens": list(res.str_tokens), "attentionHeadNames": names, "maxValue": 1.0,
@@ -175,6 +214,7 @@ def attention_patterns(res: TraceResult, patterns: Float[Tensor, "layer head pos
         title=f"Attention patterns restricted to the trace at s = {size:g}",
         note=f"The {len(heads)} heads with the largest summed kept edge weight at s = {size:g} (of "
              f"{int((st.n_edges[k, : L * H] > 0).sum())} heads in the trace); removed edges are drawn as 0.",
+        table=tuple(table),
     )
 
 
@@ -218,11 +258,21 @@ def colored_tokens(res: TraceResult, s: float | None = None) -> CircuitsvisFigur
         return CircuitsvisFigure(
             "ColoredTokensMulti", {"tokens": toks, "values": vals, "labels": _size_labels(res)[::-1]},
             title="Contribution of each input token to the output, per size",
-            note=note + " Hover or click a size to colour by it.")
+            note=note + " Hover or click a size to colour by it.",
+            table=_share_table(res, shares[-1], "share (full graph)"))
     k = stratum_index(res, s)
     return CircuitsvisFigure(
         "ColoredTokens", {"tokens": toks, "values": [round_sig(v, 3) for v in shares[k].tolist()], "minValue": 0.0},
-        title=f"Contribution of each input token to the output at s = {float(res.sizes[k]):g}", note=note)
+        title=f"Contribution of each input token to the output at s = {float(res.sizes[k]):g}", note=note,
+        table=_share_table(res, shares[k], f"share at s = {float(res.sizes[k]):g}"))
+
+
+def _share_table(res: TraceResult, shares: Float[Tensor, " pos"], what: str, n: int = 8) -> tuple[tuple[str, ...], ...]:
+    """The ``n`` tokens with the largest share, largest first: (token, position, share)."""
+    order = torch.argsort(shares, descending=True, stable=True).tolist()[:n]
+    toks = list(res.str_tokens)
+    return (("token", "position", what),
+            *((_tok(toks[p]), str(p), f"{float(shares[p]):.3f}") for p in order if float(shares[p]) > 0))
 
 
 def topk_tokens(res: TraceResult) -> CircuitsvisFigure:
@@ -264,6 +314,10 @@ def topk_tokens(res: TraceResult) -> CircuitsvisFigure:
          "firstDimensionName": "Size", "thirdDimensionName": "Model (0 = full, 1 = subgraph)",
          "sampleLabels": conds, "firstDimensionLabels": [_size_labels(res)[k] for k in ks]},
         title="Top tokens: full model (column 0) and subgraph (column 1) per size",
+        table=(("size", f"top token ({conds[0]})", "p"),
+               ("full model", _tok(res.full_top_strs[0]), f"{float(res.full_top_probs[0]):.3f}"),
+               *((_size_labels(res)[k], _tok(res.top_strs[0][k][0]), f"{float(res.top_probs[0, k, 0]):.3f}")
+                 for k in ks)),
         note="Sample: the condition (only = the trace alone; random; inverse = the model without the trace). "
              "Values are next-token probabilities."
              + (f" Sizes with no edge ({K - len(ks)}) are left out." if len(ks) < K else ""))

@@ -347,6 +347,22 @@
     }
     function update() { drawLabel(); drawGrid(); drawTokens(); drawHead(); }
     slider.addEventListener("input", function () { state.k = +slider.value; update(); });
+    // Keys on the focused slider are ours: a notebook's shortcuts (JupyterLab's and Notebook 7's
+    // arrow-key cell navigation) would otherwise take them and cancel the browser's own step. The
+    // step is applied here (the default action is cancelled, so it is not applied twice) and the
+    // event goes no further.
+    var STEP = {ArrowRight: 1, ArrowUp: 1, ArrowLeft: -1, ArrowDown: -1, PageUp: 5, PageDown: -5};
+    slider.addEventListener("keydown", function (ev) {
+      if (ev.altKey || ev.ctrlKey || ev.metaKey) return;
+      var k = state.k;
+      if (ev.key === "Home") k = 0;
+      else if (ev.key === "End") k = K - 1;
+      else if (Object.prototype.hasOwnProperty.call(STEP, ev.key)) k = clamp(k + STEP[ev.key], 0, K - 1);
+      else return;
+      ev.preventDefault();
+      ev.stopPropagation();
+      if (k !== state.k) { state.k = k; slider.value = String(k); update(); }
+    });
     if (metricSel) metricSel.addEventListener("change", function () { state.metric = metricSel.value; drawGrid(); });
     state.sel = D.sel;
     slider.value = String(D.k0);
