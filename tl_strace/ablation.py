@@ -25,7 +25,7 @@ input; the hook subtracts ``(1 − keep) · resid_pre[t]`` from the MLP output.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +38,8 @@ from tl_strace.errors import InputError, UnsupportedModelError
 from tl_strace.graph import EdgeLayout
 from tl_strace.model import ModelSpec, attention_without_heads, hook_name, run_hooked
 
-__all__ = ["ATTENTION_MODES", "CONDITIONS", "attention_label", "MaskRow", "TokenMasks", "bytes_per_row", "masked_logprobs", "verify_attention_masking"]
+__all__ = ["ATTENTION_MODES", "CONDITIONS", "MaskRow", "TokenMasks", "attention_label", "attention_mode", "bytes_per_row",
+           "masked_logprobs", "verify_attention_masking"]
 
 _SENTINEL = torch.iinfo(torch.int16).max
 
@@ -56,6 +57,13 @@ ATTENTION_MODES: dict[str, str] = {
 }
 """How attention edges are treated when a subgraph is evaluated. ``"never-ablated"`` exists only to
 reproduce the published numbers and is labelled wherever its results appear (:func:`attention_label`)."""
+
+
+def attention_mode(config: Mapping[str, Any]) -> str:
+    """The attention mode a result's or a run's config records. Files store the boolean
+    ``ablate_attention`` (every run directory since 0.1; results add ``attention`` beside it, kept
+    consistent by their schema), absent meaning faithful."""
+    return "faithful" if config.get("ablate_attention", True) else "never-ablated"
 
 
 def attention_label(mode: str) -> str:

@@ -24,18 +24,11 @@ from typing import Any
 import pytest
 import torch
 
+from tests.browser import OFFLINE_FLAGS, find_chromium
 from tl_strace.results import StraceResult
 
 
-def _find_chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
-CHROMIUM = _find_chromium()
+CHROMIUM = find_chromium()
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None,
     reason="Chromium is not installed (Debian: apt-get install -y chromium); the browser acceptance test needs it",
@@ -56,10 +49,7 @@ REGIONS = ("curves", "grid", "tokens", "head")
 def _chromium(page: Path, tmp: Path, *args: str, height: int = 1000) -> subprocess.CompletedProcess:
     profile = tmp / f"profile-{len(list(tmp.glob('profile-*')))}"
     cmd = [
-        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-extensions",
-        "--no-first-run", "--no-default-browser-check", "--mute-audio", "--hide-scrollbars",
-        f"--user-data-dir={profile}", "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=http://127.0.0.1:9",
+        str(CHROMIUM), *OFFLINE_FLAGS, f"--user-data-dir={profile}", "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=http://127.0.0.1:9",
         "--proxy-bypass-list=<-loopback>", "--enable-logging=stderr", "--v=0", "--force-device-scale-factor=1",
         f"--window-size={WIDTH},{height}", "--virtual-time-budget=20000", *args, page.resolve().as_uri(),
     ]

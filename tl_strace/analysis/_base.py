@@ -63,8 +63,8 @@ def group_runs(runs: Sequence[CorpusRun]) -> dict[str, Any]:
                              "another's; rerun it with this version of tl_strace.")
         return str(ident)
 
-    faithful = [r for r in runs if r.config.get("ablate_attention", True)]
-    kept = [r for r in runs if not r.config.get("ablate_attention", True)]
+    faithful = [r for r in runs if r.attention == "faithful"]
+    kept = [r for r in runs if r.attention != "faithful"]
     pairs = []
     for k in kept:
         for f in faithful:
@@ -73,11 +73,12 @@ def group_runs(runs: Sequence[CorpusRun]) -> dict[str, Any]:
                 pairs.append((f, k))
                 break
     ctx = []
-    for of_mode in (faithful, kept):  # the context-length comparison, within one attention mode
+    cross: dict[str, list[CorpusRun]] = {}
+    for mode, of_mode in (("faithful", faithful), ("never-ablated", kept)):  # within one attention mode
         by_model: dict[str, list[CorpusRun]] = {}
         for r in of_mode:
             by_model.setdefault(key(r), []).append(r)
-        for g in by_model.values():
+        for g in by_model.values():  # the context-length comparison: one run per length
             one_per_length: dict[int, CorpusRun] = {}
             for r in g:
                 if r.context_words is not None:
@@ -85,13 +86,8 @@ def group_runs(runs: Sequence[CorpusRun]) -> dict[str, Any]:
             runs_ = list(one_per_length.values())
             if len(runs_) > 1 and set.intersection(*(set(r.table["id"]) for r in runs_)):
                 ctx.append(runs_)
-    cross: dict[str, list[CorpusRun]] = {}
-    for mode, of_mode in (("faithful", faithful), ("never-ablated", kept)):
-        models: dict[str, list[CorpusRun]] = {}
-        for r in of_mode:
-            models.setdefault(key(r), []).append(r)
-        if len(models) > 1:  # one run per model, the longest context
-            cross[mode] = [max(g, key=lambda r: r.context_words or 0) for g in models.values()]
+        if len(by_model) > 1:  # across models: one run per model, the longest context
+            cross[mode] = [max(g, key=lambda r: r.context_words or 0) for g in by_model.values()]
     return {"faithful": faithful, "attention_pairs": pairs, "context_groups": ctx, "cross_model": cross}
 
 

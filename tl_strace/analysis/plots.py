@@ -7,6 +7,7 @@ from typing import Any
 
 import pandas as pd
 
+from tl_strace.ablation import attention_label
 from tl_strace.analysis._base import (
     BOUNDARY,
     LAYER_COLUMNS,
@@ -183,7 +184,7 @@ def plot_attention_ablation(faithful: RunLike, kept: RunLike):
     """Mean TV against s for the faithful run and the run with attention never ablated."""
     a, b = _run(faithful), _run(kept)
     fig, ax = _figure()
-    for r, lab in ((a, "attention ablated (faithful)"), (b, "attention never ablated (reference pipeline)")):
+    for r, lab in ((a, "attention ablated (faithful)"), (b, attention_label("never-ablated"))):
         c = mean_curve(r, "tv")
         ax.plot(c["size"], c["mean"], marker=".", label=lab)
         ax.fill_between(c["size"], c["q25"], c["q75"], alpha=0.2)

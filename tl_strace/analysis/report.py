@@ -217,7 +217,7 @@ def build_report(runs: Sequence[RunLike], *, title: str = "tl_strace corpus repo
     tokens = [r for r in traced if r.config.get("granularity", "token") == "token"]
     per_model: dict[str, list[Any]] = {}
     for r in tokens:
-        per_model.setdefault(str(r.config.get("model", {}).get("model_name") or r.path.name), []).append(r)
+        per_model.setdefault(r.model_name, []).append(r)
     if len(per_model) > 1 or any(len(v) > 1 for v in per_model.values()):
         for name, of_model in per_model.items():
             doc.figure(plot_interpolated_curves(of_model), f"tv-grid-{_slug(name)}",

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tl_strace.ablation import attention_label
 from tl_strace.analysis._base import (
     BOUNDARY,
     LAYER_COLUMNS,
@@ -67,11 +68,15 @@ def interpolated_curves(run: RunLike, column: str = "tv") -> pd.DataFrame:
                          "median": np.median(v, 0), "q75": np.percentile(v, 75, 0), "n": len(v)})
 
 
+def _nearest(sizes: np.ndarray, s: float) -> int:
+    """The index of the size nearest ``s`` on a log scale: where an analysis reads "at s"."""
+    return int(np.argmin(np.abs(np.log10(np.asarray(sizes, dtype=np.float64)) - math.log10(s))))
+
+
 def _value_at(run: CorpusRun, column: str, s: float) -> np.ndarray:
     """Per passage, a per-stratum column at size s (the nearest stratum on a log scale)."""
     x, v = _on_grid(run, column)
-    k = int(np.argmin(np.abs(np.log10(x) - math.log10(s))))
-    return v[:, k]
+    return v[:, _nearest(x, s)]
 
 
 def density_distribution(runs: RunLike | Sequence[RunLike]) -> pd.DataFrame:
@@ -292,7 +297,7 @@ def attention_ablation_comparison(faithful: RunLike, kept: RunLike,
     if not ids:
         raise InputError(f"{a.path} and {b.path} share no passages.")
     rows = []
-    for label, r in (("attention ablated (faithful)", a), ("attention never ablated (reference pipeline)", b)):
+    for label, r in (("attention ablated (faithful)", a), (attention_label("never-ablated"), b)):
         t = r.table.set_index("id").loc[ids].reset_index()
         sub = CorpusRun(r.path, r.config, r.versions, t, r.skipped, r.unigram)
         row: dict[str, Any] = {"run": label, "n": len(t), "mean_density": t["density"].mean(),

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tl_strace.ablation import attention_label
+from tl_strace.ablation import attention_label, attention_mode
 from tl_strace.corpus._base import CONFIG_FILE, ISSUES_FILE, SHARD_GLOB, UNIGRAM_FILE
 from tl_strace.corpus._store import _Schema, _merge, _read_issues, _read_meta, _read_shard, _read_unigram
 from tl_strace.errors import InputError, ResultsError
@@ -37,8 +37,7 @@ class CorpusRun:
     @property
     def name(self) -> str:
         """A short label: the model name, plus what differs from the paper defaults."""
-        m = self.config.get("model", {})
-        label = str(m.get("model_name") or m.get("argument") or self.path.name)
+        label = self.model_name
         if self.context_words is not None:
             label += f", {self.context_words} words"
         if self.attention != "faithful":
@@ -50,10 +49,17 @@ class CorpusRun:
         return label
 
     @property
+    def model_name(self) -> str:
+        """The traced model's name as run.json records it (else the argument it was loaded from, else
+        the directory's name)."""
+        m = self.config.get("model", {})
+        return str(m.get("model_name") or m.get("argument") or self.path.name)
+
+    @property
     def attention(self) -> str:
         """The run's attention mode (:data:`tl_strace.ablation.ATTENTION_MODES`); run.json stores it as
         ``ablate_attention`` (true: ``"faithful"``), as every run since 0.1 has."""
-        return "faithful" if self.config.get("ablate_attention", True) else "never-ablated"
+        return attention_mode(self.config)
 
     @property
     def context_words(self) -> int | None:

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from tl_strace.ablation import attention_mode
 from tl_strace.density import RECOVERY_LEVELS, auc_linear, auc_log, recovery_sizes, size_at_tolerance
 from tl_strace.errors import InputError, ResultsError, StraceError
 from tl_strace.metrics import clean_summary
@@ -126,7 +127,7 @@ class TraceResult:
     def attention(self) -> str:
         """How attention edges were treated (:data:`tl_strace.ablation.ATTENTION_MODES`): ``"faithful"``,
         or ``"never-ablated"`` (the reference pipeline's mode; not a faithful measurement)."""
-        return "faithful" if self.config.get("ablate_attention", True) else "never-ablated"
+        return attention_mode(self.config)
 
     # ---------------------------------------------------------------- density
     @property

@@ -149,11 +149,6 @@ def static_table(rows: tuple[tuple[str, ...], ...], table_id: str) -> str:
             f'margin:4px 0"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
 
 
-def _tok(t: str) -> str:
-    """A token as table text: its repr, so spaces and newlines show."""
-    return repr(t)
-
-
 def restricted_patterns(res: TraceResult, pattern: Float[Tensor, "layer head pos pos_src"],
                         s: float | None = None) -> Float[Tensor, "layer head pos pos_src"]:
     """``pattern`` with every attention edge outside the stratum nearest ``s`` set to 0, as the
@@ -206,7 +201,7 @@ def attention_patterns(res: TraceResult, patterns: Float[Tensor, "layer head pos
     for c, a in zip(heads, att):  # each head's strongest kept attention weight
         t, src = divmod(int(torch.argmax(a)), a.shape[1])
         table.append((f"L{c // H}H{c % H}", f"{int(st.n_edges[k, c]):,}",
-                      f"{_tok(toks[t])} ({t}) ← {_tok(toks[src])} ({src})", f"{float(a[t, src]):.3f}"))
+                      f"{toks[t]!r} ({t}) ← {toks[src]!r} ({src})", f"{float(a[t, src]):.3f}"))
     return CircuitsvisFigure(
         "AttentionHeads",
         {"attention": values, "tokens": list(res.str_tokens), "attentionHeadNames": names, "maxValue": 1.0,
@@ -272,7 +267,7 @@ def _share_table(res: TraceResult, shares: Float[Tensor, " pos"], what: str, n: 
     order = torch.argsort(shares, descending=True, stable=True).tolist()[:n]
     toks = list(res.str_tokens)
     return (("token", "position", what),
-            *((_tok(toks[p]), str(p), f"{float(shares[p]):.3f}") for p in order if float(shares[p]) > 0))
+            *((repr(toks[p]), str(p), f"{float(shares[p]):.3f}") for p in order if float(shares[p]) > 0))
 
 
 def topk_tokens(res: TraceResult) -> CircuitsvisFigure:
@@ -315,8 +310,8 @@ def topk_tokens(res: TraceResult) -> CircuitsvisFigure:
          "sampleLabels": conds, "firstDimensionLabels": [_size_labels(res)[k] for k in ks]},
         title="Top tokens: full model (column 0) and subgraph (column 1) per size",
         table=(("size", f"top token ({conds[0]})", "p"),
-               ("full model", _tok(res.full_top_strs[0]), f"{float(res.full_top_probs[0]):.3f}"),
-               *((_size_labels(res)[k], _tok(res.top_strs[0][k][0]), f"{float(res.top_probs[0, k, 0]):.3f}")
+               ("full model", repr(res.full_top_strs[0]), f"{float(res.full_top_probs[0]):.3f}"),
+               *((_size_labels(res)[k], repr(res.top_strs[0][k][0]), f"{float(res.top_probs[0, k, 0]):.3f}")
                  for k in ks)),
         note="Sample: the condition (only = the trace alone; random; inverse = the model without the trace). "
              "Values are next-token probabilities."
