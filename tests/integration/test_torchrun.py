@@ -33,6 +33,8 @@ def test_two_torchrun_processes_equal_one_process(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # rank 0's summary line reaches the terminal (ranks end with os._exit, after flushing)
+    assert "rank 0/2: 5 passage(s) recorded now" in done.stdout + done.stderr, done.stdout + done.stderr
     shards = sorted(p.name for p in out.glob("shard-*.jsonl"))
     assert shards == ["shard-00000.jsonl", "shard-00001.jsonl"]
     assert (out / "shard-00000.jsonl").read_bytes().count(b"\n") == 5  # indices 0, 2, 4, 6, 8
