@@ -487,7 +487,7 @@ def _static_check(cdp: CDP, shots: Path, name: str, n_views: int | None = None) 
     and the key numbers are there as text."""
     # wait for the pictures themselves (outputs render one by one: an early check would see none)
     cdp.wait(f"(() => {{ const i = Array.from(document.querySelectorAll('img.tls-static-img')); "
-             f"return i.length >= {max(1, n_views or 1)} && i.every(e => e.complete); }})()", 180,
+             f"return i.length >= {n_views or 1} && i.every(e => e.complete); }})()", 180,
              "the outputs' static pictures to render")
     found = cdp.js("""(() => {
       const vis = e => !e.closest('[hidden]') && e.getBoundingClientRect().width > 0;

@@ -44,8 +44,8 @@ import pandas as pd
 
 from tl_strace.analysis._base import BOUNDARY, MINIMAL_CORE, RunLike, _runs
 from tl_strace.analysis.tables import (
+    _grid_sizes,
     _nearest,
-    _on_grid,
     _value_at,
     cross_model_density,
     density_vs_context,
@@ -89,7 +89,7 @@ def _p(p: float) -> str:
 def _at(run: CorpusRun, s: float) -> str:
     """``"0.001"`` when the run recorded that size, else the size the rule read instead (the one
     :func:`~tl_strace.analysis.tables._value_at` reads), said so."""
-    x, _ = _on_grid(run, "tv")
+    x = _grid_sizes(run)
     got = float(x[_nearest(x, s)])
     return f"{s:g}" if math.isclose(got, s, rel_tol=1e-9) else f"{got:g} (nearest recorded to {s:g})"
 

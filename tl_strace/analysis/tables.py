@@ -34,8 +34,15 @@ def _common_sizes(run: CorpusRun) -> np.ndarray | None:
     return np.asarray(first, dtype=np.float64) if all(s == first for s in sizes) else None
 
 
+def _grid_sizes(run: CorpusRun) -> np.ndarray:
+    """The sizes the analyses read a run on: its own when every passage shares them, else CURVE_GRID."""
+    common = _common_sizes(run)
+    return common if common is not None else CURVE_GRID.copy()
+
+
 def _on_grid(run: CorpusRun, column: str) -> tuple[np.ndarray, np.ndarray]:
-    """(sizes, values [passage, size]): the runs' own sizes when shared, else CURVE_GRID."""
+    """(sizes, values [passage, size]) on :func:`_grid_sizes`: the run's own curves, or each
+    passage's curve interpolated onto CURVE_GRID."""
     _need(run, "sizes", column)
     common = _common_sizes(run)
     if common is not None:
