@@ -78,9 +78,14 @@ def test_strace_keeps_the_model_at_full_size_and_beats_random(real_model):
     for p in passages:
         res = ts.strace(model, p.text, sizes=SIZES, conditions=["only", "random"])
         assert float(res.sizes[-1]) == 1.0
-        # s = 1 is the whole graph: the model's own distribution. TV is a probability mass; 1e-6
-        # allows fp32 rounding of a batched forward against the clean one (measured 0.0).
-        assert float(res.tv[-1]) <= 1e-6
+        # s = 1 is the whole graph: the model's own distribution. TV is a probability mass. The
+        # masked forward sums the same terms as the clean one in another order, so the two differ
+        # by fp32 rounding carried through the blocks and summed over the vocabulary (pairwise
+        # summation over V = 262,144 terms: ~log2(V) * 6e-8 = 1e-6 from the sum alone). Measured:
+        # 0.0 on an Intel Xeon, 1.3e-6 (Qwen) and 1.6e-6 (Gemma) on the CI machine's CPU. 1e-5 is
+        # six times the largest, and far below what a dropped edge that matters does to TV (SmolLM2,
+        # sense-2204: 3.3e-3 at s = 0.8, where a fifth of the edges are removed).
+        assert float(res.tv[-1]) <= 1e-5
         only.append(res.curve("tv", "only").numpy())
         rand.append(res.curve("tv", "random").numpy())
     sizes = res.sizes.numpy()
