@@ -68,14 +68,16 @@ def masked_forwards(model: Any, spec: ModelSpec, tokens: Int[Tensor, "pos"], mas
 
 def evaluate(model: Any, spec: ModelSpec, tokens: Int[Tensor, "pos"], masks: Masks, *,
              clean: Float[Tensor, "vocab"], logit_scale: float, full_row: int, chunk: int,
-             target: int | None, top_k: int, shape: tuple[int, int]) -> dict[str, Tensor]:
+             target: int | None, top_k: int, shape: tuple[int, int],
+             on_rows: Callable[[int], None] | None = None) -> dict[str, Tensor]:
     """Every row's metrics (:data:`tl_strace.metrics.ROW_METRICS`), on the CPU, as ``[*shape, ...]``.
 
     ``clean`` is the clean run's last-position log-probabilities; row ``full_row`` keeps every edge
     (or component), so its output must be the clean one, within the bound of
     :func:`~tl_strace.model.check_full_graph` (``logit_scale`` is the clean ``max |logit|``): checked
     on every call, it catches what :func:`~tl_strace.model.require_ready` cannot see. ``shape`` is
-    ``(conditions, strata)``, the rows' order.
+    ``(conditions, strata)``, the rows' order. ``on_rows(n)`` is called after each forward with
+    the number of rows it evaluated (a progress bar).
     """
     if shape[0] * shape[1] != masks.n_rows or not 0 <= full_row < masks.n_rows:
         raise ValueError(f"shape {shape} and full_row {full_row} do not fit {masks.n_rows} rows")
@@ -87,4 +89,6 @@ def evaluate(model: Any, spec: ModelSpec, tokens: Int[Tensor, "pos"], masks: Mas
         start += logp.shape[0]
         for name, value in row_metrics(clean, logp, target, top_k).items():
             out[name].append(value)
+        if on_rows is not None:
+            on_rows(int(logp.shape[0]))
     return {name: torch.cat(parts).cpu().reshape(*shape, *parts[0].shape[1:]) for name, parts in out.items()}

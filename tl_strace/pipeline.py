@@ -19,6 +19,7 @@ from tl_strace.engine import evaluate
 from tl_strace import options
 from tl_strace.graph import EdgeLayout, Graph, check_decomposition, node_vectors
 from tl_strace.memory import rows_for_budget
+from tl_strace.progress import Progress, check_progress
 from tl_strace.model import (
     check_full_graph,
     clean_run,
@@ -101,6 +102,7 @@ def strace(
     prepend_bos: bool | None = None,
     attention: str | None = None,
     ablate_attention: bool | None = None,
+    progress: bool | None = None,
 ) -> StraceResult:
     """Trace one input: find nested subgraphs that best reproduce the model's next-token
     distribution, evaluate them by masked forward passes, and measure how dense the computation is.
@@ -138,6 +140,10 @@ def strace(
             faithful measurement, and its results say so (``config["attention"]``, the views' titles,
             the corpus report). :data:`tl_strace.ablation.ATTENTION_MODES`.
         ablate_attention: the older spelling: ``False`` is ``attention="never-ablated"``.
+        progress: show the stage and the masked rows done in a text bar on stderr once the call has
+            run 2 s (:mod:`tl_strace.progress`). Default ``None``: only where someone watches (a
+            terminal or a Jupyter kernel; not under pytest or in a log; ``TL_STRACE_PROGRESS=0``
+            turns it off everywhere). ``False``: never.
 
     Returns:
         A :class:`StraceResult`; ``result.tv``, ``result.density``, ``result.subgraph(1e-3)``, ...
@@ -151,6 +157,7 @@ def strace(
                                 seed=seed, top_k=top_k, batch_size=batch_size, memory_budget=memory_budget,
                                 prepend_bos=prepend_bos, attention=attention,
                                 ablate_attention=ablate_attention)  # every check, before any work
+    show = check_progress(progress)
     # From here on every option is read from ``opts`` (checked and canonical), never from the arguments.
     conds = opts.conditions
     require_ready(model)
@@ -162,10 +169,12 @@ def strace(
                     n_rows=1, random="random" in conds)
     timings: dict[str, float] = {}
 
-    with model_guard(model):
+    with model_guard(model), Progress(show, f"s-Trace ({layout.n_pos} tokens)") as bar:
+        bar.stage("forward")
         run = clean_run(model, spec, tokens)
         t1 = time.perf_counter()
         timings["forward"] = t1 - t0
+        bar.stage("graph")
         vec = node_vectors(run)
         check_decomposition(run, vec, rel_tol=1e-4 if model_dtype(model) == torch.float32 else 2e-2)
         verify_attention_masking(model, spec, tokens, run.b_O)
@@ -175,6 +184,7 @@ def strace(
         del run, vec  # the clean activations are not needed past here; free them before the search
         t2 = time.perf_counter()
         timings["graph"] = t2 - t1
+        bar.stage("search")
         strata = STRATIFICATIONS[opts.method](graph, opts.parameters)
         tables = [strata.labels]
         rnd = None
@@ -191,9 +201,11 @@ def strace(
         # The last stratum of every method is the full graph (every valid edge; the others cannot
         # reach the last position): its row must give back the clean logits (tl_strace.engine.evaluate).
         masks = TokenMasks(spec, layout, tables, rows, device=tokens.device, ablate_attention=opts.ablate_attention)
+        bar.stage("evaluate")
+        bar.rows(len(rows))
         m = evaluate(model, spec, tokens, masks, clean=full, logit_scale=logit_scale,
                      full_row=conds.index("only") * K + K - 1, chunk=chunk, target=tgt, top_k=opts.top_k,
-                     shape=(len(conds), K))
+                     shape=(len(conds), K), on_rows=bar.advance)
         timings["evaluate"] = time.perf_counter() - t3
 
     reach = []

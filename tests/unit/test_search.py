@@ -190,3 +190,70 @@ def test_canonical_column_is_the_order_the_plain_heap_pushes_a_nodes_in_edges(pa
                 seen += ids.tolist()
     assert len(seen) == len(set(seen))
     assert set(seen) >= set(torch.nonzero(layout.ancestors()).flatten().tolist())
+
+
+def _uniform_graph(L: int, H: int, T: int, seed: int) -> Graph:
+    """The random baseline's case: i.i.d. float64 uniform weights, a few huge runs of equal bottleneck."""
+    layout = EdgeLayout(L, H, T)
+    valid = layout.ancestors()
+    w = torch.rand(layout.size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return Graph(layout, w.masked_fill(~valid, 0.0), valid)
+
+
+@pytest.mark.parametrize("small,phases", [(0, 1000), (2, 64), (3, 1)])
+def test_large_runs_ordered_with_tensors_equal_plain_heap(small, phases, monkeypatch):
+    """Runs above the threshold go through tl_strace.search._cascade (phases, cascades sorted by
+    their own bottleneck, sub-runs recursively); with the thresholds lowered every tied run of these
+    small graphs takes that path (small=0: no plain heap at all), ties included."""
+    import tl_strace.search._cascade as cascade
+    import tl_strace.search.strace as strace
+
+    monkeypatch.setattr(cascade, "SMALL", small)
+    monkeypatch.setattr(cascade, "MAX_PHASES", phases)
+    monkeypatch.setattr(strace, "_TENSOR_RUN", 1)
+    calls = []
+    run = cascade._run
+    monkeypatch.setattr(cascade, "_run", lambda *a: calls.append(1) or run(*a))
+    for seed in range(24):
+        L, H, T = 1 + seed % 3, 1 + seed % 4, 2 + seed % 7
+        graph = random_graph(L, H, T, seed, levels=[None, 3, 1, 8, 50, None][seed % 6])
+        if seed % 6 == 5:
+            graph = _uniform_graph(L, H, T, seed)
+        assert strace_order(graph).tolist() == reference_strace_order(graph).tolist(), seed
+    assert calls, "the tensor path was not exercised"
+
+
+@pytest.mark.parametrize("small", [0, 2, 2048])
+def test_cuts_give_the_heaps_first_edges_at_every_cut(small, monkeypatch):
+    """strace_order(..., cuts=...) (§5): for every cut c the first c edges are the plain heap's first
+    c as a set, also when equal weights force the exact order (levels) and inside large runs."""
+    import random
+
+    import tl_strace.search._cascade as cascade
+    import tl_strace.search.strace as strace
+
+    monkeypatch.setattr(cascade, "SMALL", small)
+    monkeypatch.setattr(strace, "_TENSOR_RUN_CUTS", 1)
+    for seed in range(30):
+        L, H, T = 1 + seed % 3, 1 + seed % 4, 2 + seed % 7
+        graph = random_graph(L, H, T, seed, levels=[None, 3, 1, 8, 50][seed % 5]) if seed % 2 else _uniform_graph(L, H, T, seed)
+        ref = reference_strace_order(graph).tolist()
+        rng = random.Random(seed)
+        cuts = sorted({rng.randrange(1, graph.n_edges + 1) for _ in range(rng.randrange(1, 6))})
+        got = strace_order(graph, max(cuts), cuts=cuts).tolist()
+        assert len(got) == len(set(got)) == max(cuts)
+        for c in cuts:
+            assert set(got[:c]) == set(ref[:c]), (seed, c)
+
+
+def test_random_strata_equal_those_of_the_whole_order():
+    """random_strata orders only where a count cuts a run (§5); its strata are those of the whole
+    random order, on a graph whose uniform weights put most edges into one huge run."""
+    from tl_strace.search._strata import _strata_from_order
+
+    graph = random_graph(3, 4, 24, 0)
+    counts = target_counts(DEFAULT_SIZES, graph.n_edges)
+    fast = random_strata(graph, counts, DEFAULT_SIZES, seed=3)
+    whole = _strata_from_order("random", graph, random_order(graph, seed=3), DEFAULT_SIZES, counts, DEFAULT_SIZES)
+    assert torch.equal(fast.labels, whole.labels)
+    assert fast.counts.tolist() == counts

@@ -90,6 +90,7 @@ def _make_tracer(granularity: str, ablation: str, ablate_attention: bool,
                              "edges only. Mean ablation of heads and MLPs: --granularity component --ablation mean.")
         if not ablate_attention:
             kw["ablate_attention"] = False
+        kw["progress"] = False  # the runner draws its own bar, per passage
         return strace, kw
     if not ablate_attention:
         raise InputError("ablate_attention=False applies to token granularity (attention edges); component "

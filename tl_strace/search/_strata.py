@@ -100,10 +100,18 @@ def target_counts(sizes: Sequence[float], n_edges: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 # Strata from an order or from masks
 # ---------------------------------------------------------------------------------------------
+def index_dtype(n: int) -> torch.dtype:
+    """The narrowest of int32 / int64 that numbers ``n`` units (and holds :data:`NOT_IN_ANY`): ranks
+    and labels over the edge space take 4 bytes per slot instead of 8 (issue 17)."""
+    return torch.int32 if n < NOT_IN_ANY else torch.int64
+
+
 def rank_of(order: Int[Tensor, "taken"], n: int) -> Int[Tensor, "unit"]:
-    """Each unit's position in ``order`` (a search order over ``n`` units), -1 if not in it."""
-    rank = torch.full((n,), -1, dtype=torch.long)
-    rank[order] = torch.arange(order.numel())
+    """Each unit's position in ``order`` (a search order over ``n`` units), -1 if not in it
+    (int32 when ``n`` allows: :func:`index_dtype`)."""
+    dt = index_dtype(n)
+    rank = torch.full((n,), -1, dtype=dt)
+    rank[order] = torch.arange(order.numel(), dtype=dt)
     return rank
 
 
@@ -118,7 +126,7 @@ def labels_from_rank(rank: Int[Tensor, "unit"], counts: Int[Tensor, "stratum"],
     if inside is not None:
         labels[~inside] = NOT_IN_ANY
     ranked = rank >= 0
-    labels[ranked] = torch.searchsorted(counts, rank[ranked], right=True).clamp(max=K - 1)
+    labels[ranked] = torch.searchsorted(counts.to(rank.dtype), rank[ranked], right=True).clamp(max=K - 1).to(rank.dtype)
     return labels
 
 
@@ -138,15 +146,16 @@ def _strata_from_masks(method: str, graph: Graph, masks: list[Tensor], params: l
     masks = [m & graph.valid for m in masks] + [graph.valid]
     params = list(params) + [0.0 if method == "threshold" else 1.0]
     E = graph.n_edges
-    labels = torch.full((graph.layout.size,), NOT_IN_ANY, dtype=torch.long)
+    dt = index_dtype(graph.layout.size)
+    labels = torch.full((graph.layout.size,), NOT_IN_ANY, dtype=dt)
     for k in range(len(masks) - 1, -1, -1):
         labels[masks[k]] = k
     counts = [int(m.sum()) for m in masks]
     # Rank: by stratum, then by weight within a stratum (for display order only).
     key = labels.double() * 2.0 - graph.weights.double()
-    rank = torch.full((graph.layout.size,), -1, dtype=torch.long)
+    rank = torch.full((graph.layout.size,), -1, dtype=dt)
     order = torch.argsort(key[graph.valid], stable=True)
-    rank[torch.nonzero(graph.valid).flatten()[order]] = torch.arange(order.numel())
+    rank[torch.nonzero(graph.valid).flatten()[order]] = torch.arange(order.numel(), dtype=dt)
     return Strata(method=method, sizes=torch.tensor([c / E for c in counts], dtype=torch.float64),
                   counts=torch.tensor(counts, dtype=torch.long), params=torch.tensor(params, dtype=torch.float64),
                   labels=labels, rank=rank)

@@ -14,17 +14,19 @@ from tl_strace.search._strata import Strata, _strata_from_order
 from tl_strace.search.strace import strace_order
 
 
-def random_order(graph: Graph, n_max: int | None = None, *, seed: int = 0) -> Int[Tensor, "taken"]:
+def random_order(graph: Graph, n_max: int | None = None, *, seed: int = 0,
+                 cuts: Sequence[int] | None = None) -> Int[Tensor, "taken"]:
     """Edge ids in the order the *random* baseline takes them: the s-Trace search run on i.i.d.
     uniform weights from ``torch.Generator().manual_seed(seed)`` — a random connected subgraph
     grown back from the output node, one edge at a time (every edge after its target node).
 
     Under uniform weights most edges share a few huge runs of equal bottleneck (77 % of them on
-    SmolLM2 at 59 tokens), so this is the tie replay's heaviest case.
+    SmolLM2 at 59 tokens), so this is the tie replay's heaviest case. ``cuts``: only the first ``c``
+    edges as a set are the heap's, for each ``c`` (:func:`~tl_strace.search.strace_order`, §5).
     """
     gen = torch.Generator().manual_seed(int(seed))
-    rnd = torch.rand(graph.layout.size, generator=gen, dtype=torch.float64)
-    return strace_order(Graph(graph.layout, rnd.masked_fill(~graph.valid, 0.0), graph.valid), n_max)
+    rnd = torch.rand(graph.layout.size, generator=gen, dtype=torch.float64).masked_fill_(~graph.valid, 0.0)
+    return strace_order(Graph(graph.layout, rnd, graph.valid), n_max, cuts=cuts)
 
 
 def random_strata(graph: Graph, counts: Sequence[int], sizes: Sequence[float], *, seed: int = 0) -> Strata:
@@ -32,5 +34,6 @@ def random_strata(graph: Graph, counts: Sequence[int], sizes: Sequence[float], *
     the order of :func:`random_order` (s-Trace on seeded uniform weights), one per stratum, nested,
     with exactly ``counts`` edges each."""
     partial = [c for c in counts if c < graph.n_edges]
-    order = random_order(graph, max(partial) if partial else 0, seed=seed)
+    # Strata need only which edges are among the first count of each stratum, not their order (§5).
+    order = random_order(graph, max(partial) if partial else 0, seed=seed, cuts=partial)
     return _strata_from_order("random", graph, order, sizes, counts, sizes)

@@ -53,7 +53,19 @@ search of the sorted bottlenecks (``_MemberBlock.reached_at``).
 **§4 Cost.** The bottlenecks, the sort and the run bounds are tensor operations. Only members of
 tied runs that start before ``n_max`` are replayed, converted to Python lists ``_REPLAY_BLOCK``
 members at a time: tied runs hold millions of edges on long inputs (12M of 44M at 580 tokens), and
-the random baseline's uniform weights put most edges into a few huge runs.
+the random baseline's uniform weights put most edges into a few huge runs. Runs of more than
+``_TENSOR_RUN`` members are ordered with tensors by :mod:`tl_strace.search._cascade` (the same
+argument applied inside the run).
+
+**§5 Cuts only.** Strata need less than the order: which edges are among the first ``c``, for each
+stratum's count ``c``. A run that no count falls strictly inside lies in one stratum whatever its
+inner order, so ``strace_order(..., cuts=counts)`` replays only the runs a count cuts (at most one
+per count, and inside a large run only the sub-runs a count cuts). Skipping a run leaves the reach
+positions of the nodes it reaches unknown; they are only ever compared between edges of equal
+weight (the heap key is ``(-weight, reach position, column)``), so when two members of a replayed
+run weigh the same the whole order is computed instead. The *random* baseline, whose order is not
+kept, uses this (its float64 uniform weights practically never tie); s-Trace keeps its whole order
+(``rank``: ``subgraph(s)`` at any ``s``).
 """
 
 from __future__ import annotations
@@ -68,12 +80,33 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_strace.graph import Graph
+from tl_strace.graph import EdgeLayout, Graph
+from tl_strace.search._cascade import SMALL, order_run
 from tl_strace.search._rows import _canonical
 from tl_strace.search._strata import Strata, _strata_from_order, check_sizes, target_counts
 
 _REPLAY_BLOCK = 1 << 18
 """Tied-run members converted to Python lists at a time by :func:`strace_order` (§4)."""
+
+_TENSOR_RUN = 1 << 16
+"""Tied runs with more members than this are ordered with tensors (:mod:`tl_strace.search._cascade`),
+the others by a heap of Python lists (§4). When the whole order is asked for, the recursion pays
+only on very large runs: measured on SmolLM2 graphs, sub-runs are mostly small."""
+
+_TENSOR_RUN_CUTS = 4 * SMALL
+"""The same bound when only cuts are asked for (§5): the recursion then skips every sub-run no cut
+falls inside, so it pays from a few thousand members."""
+
+
+def _distinct_within_runs(weight: Tensor, runs: _TiedRuns) -> bool:
+    """Whether no two members of one run weigh the same (members numbered run after run)."""
+    if runs.size.numel() == 1:
+        return torch.unique(weight).numel() == weight.numel()
+    run_of = torch.repeat_interleave(torch.arange(runs.size.numel()), runs.size)
+    o = torch.sort(weight, stable=True).indices
+    o = o[torch.sort(run_of[o], stable=True).indices]  # by run, then by weight
+    w, r = weight[o], run_of[o]
+    return not bool(((w[1:] == w[:-1]) & (r[1:] == r[:-1])).any())
 
 
 def bottlenecks(graph: Graph) -> tuple[Float[Tensor, "edge"], Float[Tensor, "node"]]:
@@ -86,8 +119,9 @@ def bottlenecks(graph: Graph) -> tuple[Float[Tensor, "edge"], Float[Tensor, "nod
     neg = -math.inf
     valid_a = layout.split(graph.valid)[0]
     w_a, w_ra, w_m, w_rm = layout.split(graph.weights)  # min/max only: exact in any float dtype
-    w_a = w_a.masked_fill(~valid_a, neg)
-    b_a, b_ra, b_m, b_rm = (torch.full_like(x, neg) for x in (w_a, w_ra, w_m, w_rm))
+    # One output tensor written through views of its four blocks: no copy of the edge space.
+    b = torch.full_like(graph.weights, neg)
+    b_a, b_ra, b_m, b_rm = layout.split(b)
     node_B = torch.full((2 * L + 1, T), neg, dtype=graph.weights.dtype)
     node_B[2 * L, T - 1] = math.inf
     for l in range(L - 1, -1, -1):
@@ -95,16 +129,18 @@ def bottlenecks(graph: Graph) -> tuple[Float[Tensor, "edge"], Float[Tensor, "nod
         if layout.parallel:  # every in-edge of block node (2l+2, t) leaves a node of layer 2l
             b_m[l] = torch.minimum(B_post, w_m[l])
             b_ra[l] = torch.minimum(B_post, w_ra[l])
-            b_a[l] = torch.minimum(B_post[None, :, None], w_a[l])
+            torch.minimum(B_post[None, :, None], w_a[l], out=b_a[l])
+            b_a[l].masked_fill_(~valid_a[l], neg)
             node_B[2 * l] = torch.maximum(torch.maximum(b_ra[l], b_m[l]), b_a[l].amax(dim=(0, 1)))
             continue
         b_m[l] = torch.minimum(B_post, w_m[l])
         b_rm[l] = torch.minimum(B_post, w_rm[l])
         node_B[2 * l + 1] = B_mid = torch.maximum(b_m[l], b_rm[l])  # both leave node (2l+1, t)
         b_ra[l] = torch.minimum(B_mid, w_ra[l])
-        b_a[l] = torch.minimum(B_mid[None, :, None], w_a[l])
+        torch.minimum(B_mid[None, :, None], w_a[l], out=b_a[l])
+        b_a[l].masked_fill_(~valid_a[l], neg)
         node_B[2 * l] = torch.maximum(b_ra[l], b_a[l].amax(dim=(0, 1)))  # node (2l, s)
-    return layout.join(b_a, b_ra, b_m, b_rm).masked_fill(~graph.valid, neg), node_B.flatten()
+    return b.masked_fill_(~graph.valid, neg), node_B.flatten()
 
 
 class _TiedRuns(NamedTuple):
@@ -117,35 +153,59 @@ class _TiedRuns(NamedTuple):
     at: Int[Tensor, "member"]  # sorted position of each member
 
 
-def _tied_runs(neg_b_sorted: Tensor, n_max: int) -> _TiedRuns:
-    """Bounds of the tied runs of the sorted (negated) bottlenecks; no Python step per edge."""
+def _tied_runs(neg_b_sorted: Tensor, n_max: int, cuts: Tensor | None = None) -> _TiedRuns:
+    """Bounds of the tied runs of the sorted (negated) bottlenecks; no Python step per edge. With
+    ``cuts`` (sorted positions), only the runs a cut falls strictly inside."""
     change = torch.nonzero(neg_b_sorted[1:] != neg_b_sorted[:-1]).flatten() + 1
     starts = torch.cat([torch.zeros(1, dtype=torch.long), change])
     ends = torch.cat([change, torch.tensor([neg_b_sorted.numel()])])
-    tied = torch.nonzero((ends - starts > 1) & (starts < n_max)).flatten()
+    keep = (ends - starts > 1) & (starts < n_max)
+    if cuts is not None:
+        keep &= _straddles(cuts, starts, ends)
+    tied = torch.nonzero(keep).flatten()
     start, size = starts[tied], (ends - starts)[tied]
     run_of = torch.repeat_interleave(torch.arange(size.numel()), size)  # run of each member
     offset = torch.cumsum(size, 0) - size
     return _TiedRuns(start, size, offset, start[run_of] + torch.arange(run_of.numel()) - offset[run_of])
 
 
-def strace_order(graph: Graph, n_max: int | None = None) -> Int[Tensor, "taken"]:
+def _straddles(cuts: Tensor, starts: Tensor, ends: Tensor) -> Tensor:
+    """Whether some cut ``c`` (sorted) has ``start < c < end``, per span."""
+    if cuts.numel() == 0:
+        return torch.zeros_like(starts, dtype=torch.bool)
+    nxt = torch.searchsorted(cuts, starts, right=True)  # first cut > start
+    return cuts[nxt.clamp(max=cuts.numel() - 1)].lt(ends) & (nxt < cuts.numel())
+
+
+def strace_order(graph: Graph, n_max: int | None = None, *, cuts: Sequence[int] | None = None
+                 ) -> Int[Tensor, "taken"]:
     """Edge ids in the order s-Trace takes them, the first ``n_max`` (default: all of |E|).
 
     Equal to :func:`~tl_strace.search.reference.reference_strace_order`, ties included, without a
     Python step per edge (module docstring): the edges sorted by bottleneck (§1), then each tied
     run replayed with a heap of its own edges (§2, §3), a block of members at a time (§4).
+
+    ``cuts`` (edge counts) asks for less: only that the first ``c`` edges are the heap's first
+    ``c`` as a *set*, for every ``c`` in ``cuts`` (what strata need; §5). Runs no cut falls inside
+    are then left in sorted order.
     """
     n_max = graph.n_edges if n_max is None else min(n_max, graph.n_edges)
     b, node_B = bottlenecks(graph)
     ids = torch.nonzero(graph.valid).flatten()
-    order = ids[torch.sort(-b[ids], stable=True).indices]
-    neg_sb = -b[order]
-    runs = _tied_runs(neg_sb, n_max)
+    neg_b = b[ids].neg_()
+    del b  # the edge space's largest transients go before the sort (issue 17)
+    neg_sb, srt = torch.sort(neg_b, stable=True)
+    del neg_b
+    order = ids[srt]
+    del ids, srt
+    cut_t = None if cuts is None else torch.tensor(sorted({int(c) for c in cuts}), dtype=torch.long)
+    runs = _tied_runs(neg_sb, n_max, cut_t)
     if runs.start.numel() == 0:
         return order[:n_max]
     layout = graph.layout
     members = order[runs.at]
+    if cut_t is not None and not _distinct_within_runs(graph.weights[members], runs):
+        return strace_order(graph, n_max)  # equal weights make tie keys matter (§5): order exactly
     src, tgt = layout.node_ids(members)
     # Where each member's target was reached if that happened in a single-edge run: the position
     # of the (only) edge whose bottleneck is B(target) (§3).
@@ -155,6 +215,13 @@ def strace_order(graph: Graph, n_max: int | None = None) -> Int[Tensor, "taken"]
     block: _MemberBlock | None = None
     done: list[int] = []  # the current block's replayed runs, in pop order
     for r, (s0, o, n) in enumerate(zip(runs.start.tolist(), runs.offset.tolist(), runs.size.tolist())):
+        if n > (_TENSOR_RUN if cut_t is None else _TENSOR_RUN_CUTS):  # a large run (the random baseline's): ordered with tensors (_cascade)
+            if done:
+                order[runs.at[block.start:block.start + len(done)]] = torch.tensor(done, dtype=torch.long)
+            block, done = None, []
+            _order_large_run(layout, order, runs.at[o:o + n], members[o:o + n], src[o:o + n], tgt[o:o + n],
+                             weight[o:o + n], canon[o:o + n], neg_sb, node_B, reach, lam[r], s0, cut_t)
+            continue
         if block is None or o + n > block.end:
             if done:  # write the replayed runs of the previous block back in one assignment
                 order[runs.at[block.start:block.start + len(done)]] = torch.tensor(done, dtype=torch.long)
@@ -166,9 +233,27 @@ def strace_order(graph: Graph, n_max: int | None = None) -> Int[Tensor, "taken"]
             )
             done = []
         done += _replay_run(block, lam[r], o - block.start, s0, s0 + n)
-    assert block is not None
-    order[runs.at[block.start:block.start + len(done)]] = torch.tensor(done, dtype=torch.long)
+    if done:
+        order[runs.at[block.start:block.start + len(done)]] = torch.tensor(done, dtype=torch.long)
     return order[:n_max]
+
+
+def _order_large_run(layout: EdgeLayout, order: Tensor, at: Tensor, members: Tensor, src: Tensor, tgt: Tensor,
+                     weight: Tensor, canon: Tensor, neg_sb: Tensor, node_B: Tensor, reach: dict[int, int],
+                     lam: float, s0: int, cuts: Tensor | None) -> None:
+    """Order one large tied run in place (§4, :mod:`tl_strace.search._cascade`): the nodes reached
+    before it are those of ``B > lam`` (§2), at the positions of §3; the nodes it reaches are added
+    to ``reach``."""
+    reached = node_B > lam
+    # Where each node reached before the run was reached (§3): recorded if inside a tied run, else
+    # the single edge of bottleneck B(v); the output node's in-edges were pushed first (-1).
+    reach_pos = torch.searchsorted(neg_sb, (-node_B).to(neg_sb.dtype).contiguous(), side="left")
+    if reach:
+        reach_pos[torch.tensor(list(reach.keys()), dtype=torch.long)] = torch.tensor(list(reach.values()), dtype=torch.long)
+    reach_pos[layout.output_node] = -1
+    popped, new_nodes = order_run(src, tgt, weight, canon, layout.n_pos, lam, reached, reach_pos, s0, cuts)
+    order[at] = members[popped]
+    reach.update(zip(new_nodes.tolist(), reach_pos[new_nodes].tolist()))
 
 
 @dataclass
