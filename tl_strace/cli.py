@@ -233,11 +233,9 @@ def format_profile(prof: Any) -> str:
     return "\n".join(lines)
 
 
-def _add_profile(p: argparse.ArgumentParser) -> None:
-    p.add_argument("text", help="the text; the prediction after each chosen token is traced")
-    p.add_argument("--positions", type=int, nargs="+", metavar="T",
-                   help="token positions (0-based, BOS included when the model adds one) whose next-token "
-                        "prediction is traced (default: every position from the second token on)")
+def _add_profile_options(p: argparse.ArgumentParser, text_help: str) -> None:
+    """The arguments ``profile`` and ``generate`` share: the text, the trace options, the outputs."""
+    p.add_argument("text", help=text_help)
     p.add_argument("--model", default="smollm2-135m", type=_NAME,
                    help=f"bundled model ({_BUNDLED}; offline), local directory, or hub name (default: smollm2-135m)")
     p.add_argument("--method", default="strace", choices=_choices("methods"))
@@ -246,8 +244,6 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
     p.add_argument("--taus", type=float, nargs="+", help="thresholds for --method threshold/nucleus")
     p.add_argument("--conditions", nargs="+", default=["only"], choices=_choices("conditions"),
                    help="conditions traced at every position (default: only, the trace itself)")
-    p.add_argument("--no-targets", action="store_true",
-                   help="do not use the text's next token as each position's target (no cross-entropy, rank)")
     _add_attention(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
     p.add_argument("--batch-size", type=int, help="masks per forward pass (default: from the memory budget)")
@@ -259,6 +255,15 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
     p.add_argument("--html", metavar="PATH", type=_FILE,
                    help="also write a standalone HTML page: the text coloured by density (offline)")
     p.add_argument("--json", action="store_true", help="print the per-position table as JSON instead of text")
+
+
+def _add_profile(p: argparse.ArgumentParser) -> None:
+    _add_profile_options(p, "the text; the prediction after each chosen token is traced")
+    p.add_argument("--positions", type=int, nargs="+", metavar="T",
+                   help="token positions (0-based, BOS included when the model adds one) whose next-token "
+                        "prediction is traced (default: every position from the second token on)")
+    p.add_argument("--no-targets", action="store_true",
+                   help="do not use the text's next token as each position's target (no cross-entropy, rank)")
 
 
 def _check_out_dir(path: str) -> None:
@@ -281,34 +286,51 @@ def _check_out_dir(path: str) -> None:
         raise OutputPathError(f"Cannot create --out {path!r}: the directory {str(parent)!r} is not writable.")
 
 
-def _run_profile(args: argparse.Namespace) -> int:
+def _check_profile_args(args: argparse.Namespace) -> None:
+    """Before the model is loaded: the text, the options (as strace checks them), the output paths."""
     from tl_strace.errors import InputError
-    from tl_strace.fsutil import atomic_write, check_output_path
+    from tl_strace.fsutil import check_output_path
     from tl_strace.options import TraceOptions
 
-    # Before the model is loaded: the options (as strace checks them), the positions' form, the paths.
     if not args.text.strip():
         raise InputError("The input text is empty (or only whitespace); give at least one word to predict from.")
     TraceOptions(method=args.method, weights=args.weights, conditions=args.conditions, sizes=args.sizes,
                  taus=args.taus, seed=args.seed, batch_size=args.batch_size, memory_budget=args.memory_budget,
                  attention=args.attention)
-    if args.positions is not None:
+    if args.out:
+        _check_out_dir(args.out)
+    if args.html:
+        check_output_path(args.html, what="--html file")
+
+
+def _trace_options(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(sizes=args.sizes, method=args.method, taus=args.taus, weights=args.weights,
+                conditions=args.conditions, seed=args.seed, batch_size=args.batch_size,
+                memory_budget=args.memory_budget, attention=args.attention)
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    from tl_strace.errors import InputError
+
+    _check_profile_args(args)
+    if args.positions is not None:  # their range is checked against the text once it is tokenized
         bad = [t for t in args.positions if t < 0]
         if bad:
             raise InputError(f"Position {bad[0]} is negative; positions count tokens from 0.")
         if len(set(args.positions)) != len(args.positions):
             raise InputError("--positions names a position twice; give each position once.")
-    if args.out:
-        _check_out_dir(args.out)
-    if args.html:
-        check_output_path(args.html, what="--html file")
     import tl_strace as ts
 
     model = ts.load_model(args.model)
     prof = ts.density_profile(model, args.text, args.positions, next_token_targets=not args.no_targets,
-                              sizes=args.sizes, method=args.method, taus=args.taus, weights=args.weights,
-                              conditions=args.conditions, seed=args.seed, batch_size=args.batch_size,
-                              memory_budget=args.memory_budget, attention=args.attention)
+                              **_trace_options(args))
+    return _write_profile(prof, args)
+
+
+def _write_profile(prof: Any, args: argparse.Namespace) -> int:
+    """Print a profile (text or ``--json``) and write its ``--out`` / ``--html`` files."""
+    from tl_strace.fsutil import atomic_write
+
     written = []
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -332,6 +354,34 @@ def _run_profile(args: argparse.Namespace) -> int:
 
 COMMANDS["profile"] = ("trace the next-token prediction after every token of a text (its density profile)",
                        _add_profile, _run_profile)
+
+
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    _add_profile_options(p, "the prompt the model continues greedily; the prediction of every generated token "
+                            "is traced")
+    p.add_argument("--max-new-tokens", type=int, default=20, help="how many tokens to generate (default 20)")
+    p.add_argument("--no-stop-at-eos", action="store_true", help="keep generating past the end-of-sequence token")
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from tl_strace.errors import InputError
+
+    _check_profile_args(args)
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be at least 1; got {args.max_new_tokens}.")
+    import tl_strace as ts
+
+    model = ts.load_model(args.model)
+    prof = ts.trace_generation(model, args.text, args.max_new_tokens, stop_at_eos=not args.no_stop_at_eos,
+                               **_trace_options(args))
+    if not args.json:
+        P = prof.config["generation"]["prompt_tokens"]
+        print(f"generated: {''.join(prof.str_tokens[P:])!r}")
+    return _write_profile(prof, args)
+
+
+COMMANDS["generate"] = ("generate greedily from a prompt and trace the prediction of every generated token",
+                        _add_generate, _run_generate)
 
 
 # ---------------------------------------------------------------- corpus runs (tl_strace.corpus, tl_strace.analysis)

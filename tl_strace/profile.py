@@ -11,8 +11,10 @@ exactness check included, per position).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable, Sequence
+from jaxtyping import Int
 from typing import Any
 
 import torch
@@ -21,12 +23,12 @@ from torch import Tensor
 from tl_strace._version import __version__
 from tl_strace.ablation import CONDITIONS
 from tl_strace.errors import InputError
-from tl_strace.model import (clean_run, describe_model, model_guard, prepare_tokens, require_ready, serialised,
-                             str_tokens)
+from tl_strace.model import (ModelSpec, clean_run, describe_model, model_guard, prepare_tokens, require_ready,
+                             run_hooked, serialised, str_tokens)
 from tl_strace.pipeline import check_budget, prepare_graph, trace_options, trace_prepared
 from tl_strace.results import DensityProfile
 
-__all__ = ["check_positions", "density_profile"]
+__all__ = ["check_positions", "density_profile", "greedy_generate", "trace_generation"]
 
 
 def check_positions(positions: Any, n_tokens: int) -> tuple[int, ...]:
@@ -70,7 +72,7 @@ def check_positions(positions: Any, n_tokens: int) -> tuple[int, ...]:
 def density_profile(
     model: Any,
     text: str | Tensor | Sequence[int],
-    positions: Any = None,  # int | Iterable[int] | Tensor | None, checked by check_positions (one-line errors)
+    positions: int | Iterable[int] | Tensor | None = None,
     *,
     next_token_targets: bool = True,
     shared_forward: bool = True,
@@ -168,3 +170,72 @@ def density_profile(
               "shared_forward": shared_forward, "version": __version__}
     return DensityProfile(model=first.model, config=config, tokens=tokens.cpu(), str_tokens=str_tokens(model, tokens.cpu()),
                           positions=chosen, results=tuple(results), timings=timings)
+
+
+def greedy_generate(model: Any, spec: ModelSpec, tokens: Int[Tensor, "pos"], max_new_tokens: int, *,
+                    stop_at_eos: bool = True) -> Int[Tensor, "pos_out"]:
+    """``tokens`` followed by up to ``max_new_tokens`` greedy tokens (the argmax of each next-token
+    distribution), stopping after the tokenizer's end-of-sequence token when ``stop_at_eos``.
+
+    One forward of the whole sequence per new token, without a KV cache (what tl_strace's forwards
+    are everywhere: the same logits a trace compares against). Call inside
+    :func:`~tl_strace.model.model_guard`.
+    """
+    eos = getattr(getattr(model, "tokenizer", None), "eos_token_id", None) if stop_at_eos else None
+    out = tokens
+    for _ in range(max_new_tokens):
+        logits = run_hooked(model, out[None], [], backend=spec.backend)[0]
+        nxt = int(torch.argmax(logits.float()))
+        out = torch.cat([out, torch.tensor([nxt], dtype=out.dtype, device=out.device)])
+        if eos is not None and nxt == int(eos):
+            break
+    return out
+
+
+@serialised
+def trace_generation(model: Any, prompt: str | Tensor | Sequence[int], max_new_tokens: int = 20, *,
+                     stop_at_eos: bool = True, prepend_bos: bool | None = None,
+                     **options: Any) -> DensityProfile:
+    """Generate greedily from ``prompt``, then trace the prediction of every generated token.
+
+    The model continues ``prompt`` with up to ``max_new_tokens`` tokens, each the argmax of its
+    next-token distribution (:func:`greedy_generate`; stopping after the end-of-sequence token with
+    ``stop_at_eos``). The result is :func:`density_profile` of the whole sequence at the positions
+    that predicted the generated tokens (position ``t`` predicts token ``t + 1``: from the prompt's
+    last token to the one before the last generated token), each with the generated token as its
+    target; ``config["generation"]`` records the prompt's length and the settings.
+
+    ``options`` are :func:`density_profile`'s (every option of :func:`~tl_strace.strace`,
+    ``shared_forward``); all are checked, and a ``memory_budget`` against the longest sequence,
+    before generation starts.
+
+    >>> prof = trace_generation(model, "The capital of France is", 8)     # doctest: +SKIP
+    >>> "".join(prof.str_tokens[prof.config["generation"]["prompt_tokens"]:])   # doctest: +SKIP
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r:.60}.")
+    if not isinstance(stop_at_eos, bool):
+        raise InputError(f"stop_at_eos must be True or False, got {stop_at_eos!r:.60}.")
+    for name in ("positions", "next_token_targets", "target"):
+        if name in options:
+            raise InputError(f"trace_generation chooses {name} itself (the generated tokens); leave {name} out.")
+    spec = describe_model(model)
+    pass_on = {k: v for k, v in options.items() if k != "shared_forward"}
+    opts = trace_options(prepend_bos=prepend_bos, **pass_on)  # every option checked before generation
+    require_ready(model)
+    tokens = prepare_tokens(model, spec, prompt, prepend_bos=opts.prepend_bos)
+    P = int(tokens.numel())
+    if P + max_new_tokens > spec.n_ctx:
+        raise InputError(f"The prompt is {P} tokens and {spec.name}'s context {spec.n_ctx}: at most "
+                         f"{spec.n_ctx - P} new tokens fit; got max_new_tokens={max_new_tokens}.")
+    check_budget(model, spec, opts, P + max_new_tokens - 1)
+    t0 = time.perf_counter()
+    with model_guard(model):
+        seq = greedy_generate(model, spec, tokens, max_new_tokens, stop_at_eos=stop_at_eos)
+    elapsed = time.perf_counter() - t0
+    prof = density_profile(model, seq, list(range(P - 1, int(seq.numel()) - 1)), next_token_targets=True,
+                           prepend_bos=prepend_bos, **options)
+    gen = {"prompt_tokens": P, "new_tokens": int(seq.numel()) - P, "max_new_tokens": max_new_tokens,
+           "decoding": "greedy", "stop_at_eos": stop_at_eos}
+    return dataclasses.replace(prof, config={**prof.config, "generation": gen},
+                               timings={**prof.timings, "generate": elapsed})

@@ -76,3 +76,22 @@ def test_positions_outside_the_text_are_one_line(tiny_loaded, capsys) -> None:
     assert main(["profile", TEXT, "--positions", "7"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tl-strace: error: Position 7 is outside the text's 7 tokens") and err.count("\n") == 1
+
+
+def test_generate_traces_the_generated_tokens(tiny_loaded, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "gen"
+    assert main(["generate", "w5 w17 w3", "--max-new-tokens", "3", "--no-stop-at-eos", "--sizes", "0.01", "0.1",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("generated: ")
+    prof = DensityProfile.load(out / "profile.safetensors")
+    assert prof.config["generation"]["prompt_tokens"] == 4 and prof.positions == (3, 4, 5)
+    assert text.splitlines()[0] == f"generated: {''.join(prof.str_tokens[4:])!r}"
+
+
+def test_generate_has_no_positions_and_checks_before_loading(no_model, capsys) -> None:
+    assert main(["generate", "w5", "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "w5", "--positions", "1"])
+    assert "unrecognized arguments: --positions" in capsys.readouterr().err

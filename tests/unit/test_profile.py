@@ -4,6 +4,7 @@ clean forward; positions checked before any work; storage; views; the command.""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import re
 from pathlib import Path
@@ -27,6 +28,12 @@ POSITIONS = [1, 4, 7, 10]  # 10 is the last token: no next token, so no target
 # ulp-level differences move a TV (a sum of |p - q| over the vocabulary) by well under 1e-6 (measured
 # <= 2.4e-7), the tolerance issue 18 asks for; strata must be identical.
 TV_TOL = 1e-6
+
+# The suite runs tl_strace under beartype (pyproject: --jaxtyping-packages), which refuses ill-typed
+# values by their annotations before tl_strace's own checks run. Users run without it, so the entry
+# points are called unwrapped where a test passes such values; everything they call stays checked.
+density_profile = inspect.unwrap(ts.density_profile)
+trace_generation = inspect.unwrap(ts.trace_generation)
 
 
 def _assert_same_trace(a: ts.StraceResult, b: ts.StraceResult) -> None:
@@ -139,7 +146,7 @@ def test_bad_positions_are_refused_before_any_work(gpt2_model, monkeypatch, posi
 
     monkeypatch.setattr("tl_strace.profile.clean_run", no_forward)
     with pytest.raises(InputError, match=match) as e:
-        ts.density_profile(gpt2_model, TOKS, positions)
+        density_profile(gpt2_model, TOKS, positions)
     assert "\n" not in str(e.value)
 
 
@@ -245,3 +252,37 @@ def test_token_text_is_escaped_in_the_view(gpt2_profile):
     props = json.loads(re.search(r"ColoredTokens, (\{.*?\})\);", html).group(1))
     assert props["tokens"][:3] == ["&lt;img src=x onerror=alert(1)&gt;",
                                    "&lt;/script&gt;&lt;script&gt;alert(2)&lt;/script&gt;", "a&amp;b"]
+
+
+def test_trace_generation_traces_each_generated_token(gpt2_model):
+    prompt = TOKS[:4]
+    prof = ts.trace_generation(gpt2_model, prompt, 5, sizes=[1e-2, 0.1], conditions=("only",), stop_at_eos=False)
+    gen = prof.config["generation"]
+    assert gen["prompt_tokens"] == 4 and gen["new_tokens"] == 5 and gen["decoding"] == "greedy"
+    assert torch.equal(prof.tokens[:4], prompt) and len(prof.tokens) == 9
+    assert prof.positions == (3, 4, 5, 6, 7)  # the predictions of tokens 4..8, the generated ones
+    with torch.no_grad():  # greedy: each generated token is the model's argmax after its prefix
+        for t in prof.positions:
+            assert int(gpt2_model(prof.tokens[None, : t + 1])[0, -1].argmax()) == int(prof.tokens[t + 1])
+    for t, r in zip(prof.positions, prof.results):
+        assert r.target == int(prof.tokens[t + 1]) and r.full_top_ids[0] == r.target and r.full_target_rank == 1.0
+    _assert_same_trace(prof.at(6), ts.strace(gpt2_model, prof.tokens[:7], sizes=[1e-2, 0.1], conditions=("only",),
+                                             target=int(prof.tokens[7])))
+    assert "generate" in prof.timings
+    prof.validate()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_new_tokens=0), "max_new_tokens must be a positive int"),
+    (dict(max_new_tokens=2.0), "max_new_tokens must be a positive int"),
+    (dict(max_new_tokens=70), "at most 60 new tokens fit"),
+    (dict(max_new_tokens=2, positions=[1]), "chooses positions itself"),
+    (dict(max_new_tokens=2, sizes=[2.0]), "size"),
+])
+def test_trace_generation_refuses_bad_settings_before_generating(gpt2_model, monkeypatch, kwargs, match):
+    def no_generation(*a, **k):  # pragma: no cover - reached only on a regression
+        raise AssertionError("generation ran before the settings were checked")
+
+    monkeypatch.setattr("tl_strace.profile.greedy_generate", no_generation)
+    with pytest.raises(InputError, match=match):
+        trace_generation(gpt2_model, TOKS[:4], **kwargs)
