@@ -1,0 +1,47 @@
+"""A density profile's page renders in headless Chromium with the network disabled (issue 18, acceptance 3:
+the rendering; hover and click beyond circuitsvis's own tooltip are not built yet).
+
+``--dump-dom`` reads what the page's scripts left: the error collector empty, circuitsvis's
+``ColoredTokens`` drawn (one coloured span per token, the static table hidden by the figure's
+script once it drew), and hostile token text still text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import tl_strace as ts
+from tests.browser import OFFLINE_FLAGS, find_chromium
+
+CHROMIUM = find_chromium()
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="Chromium is not installed (Debian: apt-get install -y chromium); the browser test needs it",
+)
+
+XSS = "<img src=y onerror=\"document.body.setAttribute('data-pwned','1')\">"
+
+
+def test_profile_page_renders_offline(gpt2_model, tmp_path: Path) -> None:
+    prof = ts.density_profile(gpt2_model, torch.tensor([0, 5, 17, 3, 42, 8]), sizes=[0.01, 0.1], conditions=("only",))
+    prof = dataclasses.replace(prof, str_tokens=[prof.str_tokens[0], XSS, *prof.str_tokens[2:]])
+    page = Path(prof.save_html(tmp_path / "profile.html"))
+    cmd = [str(CHROMIUM), *OFFLINE_FLAGS, f"--user-data-dir={tmp_path / 'chrome'}",
+           "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>",
+           "--virtual-time-budget=20000", "--dump-dom", page.resolve().as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=180).stdout
+    assert "data-tls-loaded" in dom, "the page did not finish loading"
+    errors = re.search(r'<pre id="tls-errors"[^>]*>(.*?)</pre>', dom, flags=re.S).group(1)
+    assert errors.strip() == "", f"errors collected by the page: {html.unescape(errors)}"
+    assert re.search(r'<table class="tls-cv-static"[^>]*hidden', dom), "the figure's script did not run"
+    figure = re.search(r'<div class="colored-tokens">(.*?)</div>', dom, flags=re.S).group(1)
+    assert figure.count('<span style="display: inline-block') == len(prof.str_tokens)  # one coloured cell per token
+    assert "&lt;img&nbsp;src=y" in figure  # the hostile token is shown as its text
+    assert not re.search(r"<img\b", dom, flags=re.I) and not re.search(r"<body[^>]*data-pwned", dom)
