@@ -12,6 +12,7 @@ exactness check included, per position).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import time
 from collections.abc import Iterable, Sequence
 from jaxtyping import Int
@@ -34,7 +35,7 @@ __all__ = ["check_positions", "density_profile", "greedy_generate", "trace_gener
 def check_positions(positions: Any, n_tokens: int) -> tuple[int, ...]:
     """The positions to trace, checked, in increasing order: ``None`` gives every position from
     the second token on (each next-token prediction with some context); otherwise an int or an
-    iterable of ints in ``[0, n_tokens)``, without duplicates. Anything else is one
+    iterable of ints (NumPy ints too) in ``[0, n_tokens)``, without duplicates. Anything else is one
     :class:`InputError`, before any work."""
     if positions is None:
         if n_tokens < 2:
@@ -54,10 +55,12 @@ def check_positions(positions: Any, n_tokens: int) -> tuple[int, ...]:
     out = list(positions)
     if not out:
         raise InputError("positions is empty; give at least one token position (or None for every position).")
-    bad = [p for p in out if isinstance(p, bool) or not isinstance(p, int)]
+    # ints, NumPy ints too (numbers.Integral); never bools, floats or strings
+    bad = [p for p in out if isinstance(p, bool) or type(p).__name__ == "bool_" or not isinstance(p, numbers.Integral)]
     if bad:
         raise InputError(f"positions must be ints (token positions), got {bad[0]!r:.60} "
                          f"({type(bad[0]).__name__}).")
+    out = [int(p) for p in out]
     outside = [p for p in out if not 0 <= p < n_tokens]
     if outside:
         raise InputError(f"Position {outside[0]} is outside the text's {n_tokens} tokens: positions lie in "
@@ -72,7 +75,7 @@ def check_positions(positions: Any, n_tokens: int) -> tuple[int, ...]:
 def density_profile(
     model: Any,
     text: str | Tensor | Sequence[int],
-    positions: int | Iterable[int] | Tensor | None = None,
+    positions: numbers.Integral | Iterable[numbers.Integral] | Tensor | None = None,
     *,
     next_token_targets: bool = True,
     shared_forward: bool = True,

@@ -9,6 +9,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -136,6 +137,7 @@ def test_default_positions_are_every_prediction_with_context(gpt2_model):
     ([2, 2], r"Position 2 is given twice"),
     ([1.0], r"positions must be ints.*float"),
     ([True], r"positions must be ints.*bool"),
+    ([np.bool_(True)], r"positions must be ints.*bool"),
     ("3", r"positions must be an int or a list of ints"),
     ([], r"positions is empty"),
     (torch.tensor([1.5]), r"integer positions"),
@@ -153,7 +155,9 @@ def test_bad_positions_are_refused_before_any_work(gpt2_model, monkeypatch, posi
 def test_positions_accept_an_int_a_tensor_and_any_order(gpt2_model):
     a = ts.density_profile(gpt2_model, TOKS, 4, sizes=[0.1], conditions=("only",))
     b = ts.density_profile(gpt2_model, TOKS, torch.tensor([6, 4]), sizes=[0.1], conditions=("only",))
-    assert a.positions == (4,) and b.positions == (4, 6)
+    c = ts.density_profile(gpt2_model, TOKS, np.array([6, 4]), sizes=[0.1], conditions=("only",))
+    assert a.positions == (4,) and b.positions == (4, 6) and c.positions == (4, 6)
+    assert all(type(t) is int for t in c.positions)
     assert torch.equal(a.at(4).labels, b.at(4).labels)
     with pytest.raises(InputError, match="Position 5 was not traced"):
         b.at(5)
