@@ -248,11 +248,31 @@ def test_repr_and_views(gpt2_profile, tmp_path):
     assert fig._repr_png_()[:4] == b"\x89PNG"
 
 
+def test_interactive_text_has_a_span_and_a_trace_per_position(gpt2_profile):
+    html = ts.views.interactive_html(gpt2_profile)
+    spans = re.findall(r'<span class="tls-prof-tok" tabindex="0" data-k="(\d+)" style="background:rgb\((\d+),', html)
+    assert [int(k) for k, _ in spans] == list(range(len(POSITIONS)))
+    assert html.count('<span class="tls-prof-untraced">') == len(TOKS) - len(POSITIONS)
+    # colour: white for the lowest density, blue (37, ...) for the highest
+    reds = [int(r) for _, r in spans]
+    d = gpt2_profile.density.tolist()
+    assert reds[d.index(min(d))] == 255 and reds[d.index(max(d))] == 37
+    data = json.loads(re.search(r'<script type="application/json" class="tls-prof-data">(.*?)</script>', html).group(1))
+    assert [p["t"] for p in data["pos"]] == POSITIONS and data["pos"][-1]["next"] is None
+    assert [p["d"] for p in data["pos"]] == pytest.approx(d, rel=1e-4)
+    assert data["pos"][0]["tv"] == pytest.approx(gpt2_profile.results[0].tv.tolist(), abs=1e-4)
+    assert html.count("<template data-k=") == len(POSITIONS) and "data-tls-circuit" not in html
+    with_circuits = ts.views.interactive_html(gpt2_profile, circuits=True)
+    assert with_circuits.count("data-tls-circuit=") == len(POSITIONS)
+
+
 def test_token_text_is_escaped_in_the_view(gpt2_profile):
     hostile = ["<img src=x onerror=alert(1)>", "</script><script>alert(2)</script>", "a&b"] + gpt2_profile.str_tokens[3:]
     prof = dataclasses.replace(gpt2_profile, str_tokens=hostile)
-    html = ts.views.profile_view(prof).html
-    assert "<img" not in html and "</script><script>alert" not in html
+    html = ts.views.profile_view(prof, circuits=True).html
+    # the only images are the circuit views' own static pictures (data-URI PNGs)
+    assert not re.search(r'<img(?! class="tls-static-img)', html) and "</script><script>alert" not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;</span>" in html  # the interactive text shows it as text
     props = json.loads(re.search(r"ColoredTokens, (\{.*?\})\);", html).group(1))
     assert props["tokens"][:3] == ["&lt;img src=x onerror=alert(1)&gt;",
                                    "&lt;/script&gt;&lt;script&gt;alert(2)&lt;/script&gt;", "a&amp;b"]

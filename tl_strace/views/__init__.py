@@ -19,7 +19,7 @@ from tl_strace.views._html import HTMLView
 from tl_strace.views.circuit import circuit_view
 from tl_strace.views.detail import attention_patterns, colored_tokens, detail_views, topk_tokens
 from tl_strace.views.plots import plot_curves, plot_shares, save_plots
-from tl_strace.views.profile import plot_profile, profile_figure, profile_view, save_profile_html
+from tl_strace.views.profile import interactive_html, plot_profile, profile_figure, profile_view, save_profile_html
 from tl_strace.views.report import report_html, save_report
 
 register_view("html", lambda res: circuit_view(res).html)
@@ -40,6 +40,7 @@ __all__ = [
     "component_stats",
     "detail_views",
     "edge_shares",
+    "interactive_html",
     "plot_curves",
     "plot_profile",
     "plot_shares",
