@@ -264,6 +264,7 @@ def test_interactive_text_has_a_span_and_a_trace_per_position(gpt2_profile):
     assert html.count("<template data-k=") == len(POSITIONS) and "data-tls-circuit" not in html
     with_circuits = ts.views.interactive_html(gpt2_profile, circuits=True)
     assert with_circuits.count("data-tls-circuit=") == len(POSITIONS)
+    assert "<img" not in with_circuits  # inserted by a script, so no static picture (circuit_view(static=False))
 
 
 def test_token_text_is_escaped_in_the_view(gpt2_profile):

@@ -228,7 +228,7 @@ class DensityProfile:
 
     def save_html(self, path: str | os.PathLike, *, circuits: bool = True) -> str:
         """Write a standalone HTML page of the view, where clicking a token also opens its position's
-        circuit view (``circuits``: about 0.2 MB a position on SmolLM2); returns the path."""
+        circuit view (``circuits``: about 0.1 MB a position on SmolLM2); returns the path."""
         return _view("profile_save")(self, path, circuits=circuits)
 
     def plot(self, *, ax: Any = None) -> Any:

@@ -78,7 +78,8 @@ def _detail_html(prof: DensityProfile, k: int, circuits: bool) -> str:
                    f"<td>{esc(repr(res.top_strs[0][i][0]))}</td></tr>" for i, s in enumerate(res.sizes.tolist()))
     table = ('<table class="tls-prof-table"><thead><tr><th>s</th><th>TV</th><th>nucleus (%)</th>'
              f"<th>top token of the trace</th></tr></thead><tbody>{rows}</tbody></table>")
-    circuit = circuit_view(res, curves=False).html if circuits else ""
+    # no static picture: the click's script inserts the view, so scripts run (and the PNG is most of its cost)
+    circuit = circuit_view(res, curves=False, static=False).html if circuits else ""
     return f"{head}{curves_svg(res)}{table}{circuit}"
 
 
@@ -159,7 +160,7 @@ _PROFILE_JS = """
 
 def interactive_html(prof: DensityProfile, *, circuits: bool = False) -> str:
     """The text coloured by density, with hover (a position's TV curve and the full model's top
-    tokens) and click (its trace below; with ``circuits``, its circuit view: about 0.2 MB a position
+    tokens) and click (its trace below; with ``circuits``, its circuit view: about 0.1 MB a position
     on SmolLM2, so off by default in Jupyter). Self-contained: no circuitsvis, no network."""
     dens = [float(d) for d in prof.density]
     lo, hi = min(dens), max(dens)
