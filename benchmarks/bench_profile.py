@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=float, nargs="+", default=None, help="default: paper B's 26")
     ap.add_argument("--repeat", type=int, default=1, help="alternating repeats (median reported)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-per-prefix", action="store_true", help="skip the shared_forward=False column (a third less time)")
     args = ap.parse_args()
     model = ts.load_model(args.model, device=args.device)
     text = " ".join(PASSAGE_40.split()[: args.words])
@@ -67,8 +68,10 @@ def main() -> None:
     for _ in range(args.repeat):
         runs["profile"].append(profile(True))
         runs["separate"].append(separate())
-        runs["profile_per_prefix_forward"].append(profile(False))
-    med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
+        if not args.no_per_prefix:
+            runs["profile_per_prefix_forward"].append(profile(False))
+    nan = {k: float("nan") for k in ("total", *PARTS)}
+    med = {name: ({k: statistics.median(r[k] for r in rs) for k in rs[0]} if rs else nan) for name, rs in runs.items()}
     ratio = med["profile"]["total"] / med["separate"]["total"]
     ratio_pp = med["profile_per_prefix_forward"]["total"] / med["separate"]["total"]
     print(f"{args.model} on {args.device}, {torch.get_num_threads()} thread(s): {args.words} words = {T} tokens, "
