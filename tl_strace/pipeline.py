@@ -23,6 +23,7 @@ from tl_strace.graph import EdgeLayout, Graph, check_decomposition, node_vectors
 from tl_strace.memory import rows_for_budget
 from tl_strace.model import (
     CleanRun,
+    ModelSpec,
     check_full_graph,
     clean_run,
     describe_model,
@@ -37,7 +38,7 @@ from tl_strace.results import StraceResult, measured_fields
 from tl_strace.search import STRATIFICATIONS, Strata, random_strata
 from tl_strace.weights import compute_weights
 
-__all__ = ["CONDITIONS", "PreparedGraph", "check_model", "prepare_graph", "strace", "trace_options", "trace_prepared"]
+__all__ = ["CONDITIONS", "PreparedGraph", "check_budget", "check_model", "prepare_graph", "strace", "trace_prepared"]
 
 
 def _reaches_input(strata: Strata, layout: EdgeLayout) -> Tensor:
@@ -150,10 +151,10 @@ def strace(
     """
     t0 = time.perf_counter()
     spec = describe_model(model)
-    opts = trace_options(sizes=sizes, method=method, taus=taus, weights=weights, conditions=conditions,
-                         seed=seed, top_k=top_k, batch_size=batch_size, memory_budget=memory_budget,
-                         prepend_bos=prepend_bos, attention=attention,
-                         ablate_attention=ablate_attention)  # every check, before any work
+    opts = options.TraceOptions(sizes=sizes, method=method, taus=taus, weights=weights, conditions=conditions,
+                                seed=seed, top_k=top_k, batch_size=batch_size, memory_budget=memory_budget,
+                                prepend_bos=prepend_bos, attention=attention,
+                                ablate_attention=ablate_attention)  # every check, before any work
     # From here on every option is read from ``opts`` (checked and canonical), never from the arguments.
     require_ready(model)
     tokens = prepare_tokens(model, spec, input, prepend_bos=opts.prepend_bos)
@@ -170,13 +171,7 @@ def strace(
     return res
 
 
-def trace_options(**kwargs: Any) -> options.TraceOptions:
-    """:class:`tl_strace.options.TraceOptions` of :func:`strace`'s keywords: every option checked and
-    made canonical, before any work (shared with :func:`tl_strace.profile.density_profile`)."""
-    return options.TraceOptions(**kwargs)
-
-
-def check_budget(model: Any, spec: Any, opts: options.TraceOptions, n_pos: int) -> None:
+def check_budget(model: Any, spec: ModelSpec, opts: options.TraceOptions, n_pos: int) -> None:
     """Refuse a ``memory_budget`` a trace over ``n_pos`` tokens cannot fit, before any work
     (:func:`tl_strace.memory.rows_for_budget`); the bound grows with ``n_pos``."""
     rows_for_budget(spec, n_pos, model_dtype(model), memory_budget=opts.memory_budget, batch_size=opts.batch_size,
@@ -195,7 +190,7 @@ class PreparedGraph:
     logit_scale: float
 
 
-def prepare_graph(model: Any, spec: Any, opts: options.TraceOptions, run: CleanRun,
+def prepare_graph(model: Any, spec: ModelSpec, opts: options.TraceOptions, run: CleanRun,
                   timings: dict[str, float]) -> PreparedGraph:
     """The weighted graph of ``run`` (METHOD.md §1–2), after the exactness checks every trace runs:
     the edges into every node sum to it, and zeroing attention patterns reaches the model.
@@ -216,7 +211,7 @@ def prepare_graph(model: Any, spec: Any, opts: options.TraceOptions, run: CleanR
     return prepared
 
 
-def trace_prepared(model: Any, spec: Any, opts: options.TraceOptions, prepared: PreparedGraph,
+def trace_prepared(model: Any, spec: ModelSpec, opts: options.TraceOptions, prepared: PreparedGraph,
                    tgt: int | None, timings: dict[str, float]) -> StraceResult:
     """Everything :func:`strace` does after the graph: the search, the masked evaluation (with the
     full-graph exactness check) and the result. Shared by :func:`strace` and

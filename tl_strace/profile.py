@@ -26,7 +26,8 @@ from tl_strace.ablation import CONDITIONS
 from tl_strace.errors import InputError
 from tl_strace.model import (ModelSpec, clean_run, describe_model, model_guard, prepare_tokens, require_ready,
                              run_hooked, serialised, str_tokens)
-from tl_strace.pipeline import check_budget, prepare_graph, trace_options, trace_prepared
+from tl_strace.options import TraceOptions
+from tl_strace.pipeline import check_budget, prepare_graph, trace_prepared
 from tl_strace.results import DensityProfile
 
 __all__ = ["check_positions", "density_profile", "greedy_generate", "trace_generation"]
@@ -138,9 +139,9 @@ def density_profile(
     """
     t0 = time.perf_counter()
     spec = describe_model(model)
-    opts = trace_options(sizes=sizes, method=method, taus=taus, weights=weights, conditions=conditions,
-                         seed=seed, top_k=top_k, batch_size=batch_size, memory_budget=memory_budget,
-                         prepend_bos=prepend_bos, attention=attention, ablate_attention=ablate_attention)
+    opts = TraceOptions(sizes=sizes, method=method, taus=taus, weights=weights, conditions=conditions,
+                        seed=seed, top_k=top_k, batch_size=batch_size, memory_budget=memory_budget,
+                        prepend_bos=prepend_bos, attention=attention, ablate_attention=ablate_attention)
     for name, flag in (("next_token_targets", next_token_targets), ("shared_forward", shared_forward)):
         if not isinstance(flag, bool):
             raise InputError(f"{name} must be True or False, got {flag!r:.60}.")
@@ -231,7 +232,7 @@ def trace_generation(model: Any, prompt: str | Tensor | Sequence[int], max_new_t
             raise InputError(f"trace_generation chooses {name} itself (the generated tokens); leave {name} out.")
     spec = describe_model(model)
     pass_on = {k: v for k, v in options.items() if k != "shared_forward"}
-    opts = trace_options(prepend_bos=prepend_bos, **pass_on)  # every option checked before generation
+    opts = TraceOptions(prepend_bos=prepend_bos, **pass_on)  # every option checked before generation
     require_ready(model)
     tokens = prepare_tokens(model, spec, prompt, prepend_bos=opts.prepend_bos)
     P = int(tokens.numel())
