@@ -158,6 +158,8 @@ def test_positions_accept_an_int_a_tensor_and_any_order(gpt2_model):
     c = ts.density_profile(gpt2_model, TOKS, np.array([6, 4]), sizes=[0.1], conditions=("only",))
     assert a.positions == (4,) and b.positions == (4, 6) and c.positions == (4, 6)
     assert all(type(t) is int for t in c.positions)
+    props = json.loads(re.search(r"ColoredTokens, (\{.*?\})\);", a._repr_html_()).group(1))
+    assert props["maxValue"] > props["minValue"] == pytest.approx(a.density.item(), rel=1e-3)  # one position
     assert torch.equal(a.at(4).labels, b.at(4).labels)
     with pytest.raises(InputError, match="Position 5 was not traced"):
         b.at(5)

@@ -48,10 +48,11 @@ def profile_figure(prof: DensityProfile) -> CircuitsvisFigure:
         table.append((str(t), repr(toks[t]), repr(toks[t + 1]) if t + 1 < len(toks) else "",
                       repr(r.full_top_strs[0]), f"{d:.4f}"))
     name = str(prof.model.get("name", ""))
+    top = hi if hi > lo else lo + max(abs(lo), 1e-3) * 1e-2  # one position (or equal densities): a non-empty scale
     return CircuitsvisFigure(
         "ColoredTokens",
         {"tokens": _as_html_text(list(prof.str_tokens)), "values": [round_sig(v, 4) for v in values],
-         "minValue": round_sig(lo, 4), "maxValue": round_sig(hi if hi > lo else lo + 1e-9, 4)},
+         "minValue": round_sig(lo, 4), "maxValue": round_sig(top, 4)},
         title=f"{name}: density of the prediction after each token ({len(prof.positions)} positions; "
               f"{lo:.3f} to {hi:.3f})",
         note="Each token is coloured by the density (area under TV over log10 s) of the model's prediction of "
