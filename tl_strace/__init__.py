@@ -35,6 +35,9 @@ _LAZY = {
     "MeanCache": "tl_strace.mean",
     "compute_means": "tl_strace.mean",
     "check_model": "tl_strace.pipeline",
+    "density_profile": "tl_strace.profile",
+    "trace_generation": "tl_strace.profile",
+    "DensityProfile": "tl_strace.results",
     "strace": "tl_strace.pipeline",
     "ComponentResult": "tl_strace.results",
     "StraceResult": "tl_strace.results",
@@ -74,7 +77,8 @@ if not _is_command():
     from tl_strace.io.models import load_model
     from tl_strace.mean import MeanCache, compute_means
     from tl_strace.pipeline import check_model, strace
-    from tl_strace.results import ComponentResult, StraceResult, Subgraph, TraceResult
+    from tl_strace.profile import density_profile, trace_generation
+    from tl_strace.results import ComponentResult, DensityProfile, StraceResult, Subgraph, TraceResult
     from tl_strace.search import DEFAULT_SIZES
     from tl_strace import views as _views  # noqa: F401  registers the result display methods' renderers
 
@@ -82,6 +86,7 @@ __all__ = [
     "ComponentResult",
     "DEFAULT_SIZES",
     "DecompositionError",
+    "DensityProfile",
     "InputError",
     "MeanCache",
     "ModelLoadError",
@@ -95,7 +100,9 @@ __all__ = [
     "check_model",
     "component_strace",
     "compute_means",
+    "density_profile",
     "load_model",
     "project_trace",
     "strace",
+    "trace_generation",
 ]

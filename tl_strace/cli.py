@@ -2,6 +2,7 @@
 
     tl-strace trace "It is a truth universally acknowledged, that a single man"
     tl-strace trace --model ./my_model_dir --sizes 1e-3 1e-2 0.1 --json "some text"
+    tl-strace profile "The capital of France is Paris." --html profile.html --out runs/paris
 
 Subcommands register themselves in :data:`COMMANDS` (name → (add_arguments, run)), so each lives
 next to the code it drives.
@@ -203,6 +204,184 @@ def _run_trace(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "trace": ("trace one input and print its density and per-size table", _add_trace, _run_trace),
 }
+
+
+# ---------------------------------------------------------------- density along a text (tl_strace.profile)
+def format_profile(prof: Any) -> str:
+    """A plain-text report of a density profile: header, then one line per position."""
+    df = prof.to_dataframe()
+    cfg = prof.config
+    lines = [f"model {prof.model['name']} · {len(prof.str_tokens)} tokens · {len(prof.positions)} positions · "
+             f"method {cfg['method']} ({cfg['weights']} weights)"]
+    if cfg.get("attention", "faithful") != "faithful":
+        from tl_strace.ablation import attention_label
+
+        lines.append(f"attention: {cfg['attention']} — {attention_label(cfg['attention'])}; not a faithful measurement")
+    d = prof.density
+    lines.append(f"density (area under TV over log10 s): mean {float(d.mean()):.4f}, min {float(d.min()):.4f}, "
+                 f"max {float(d.max()):.4f}")
+    tvs = [c for c in df.columns if c.startswith("tv@")]
+    head = (f"{'pos':>4}  {'token':<16} {'next':<16} {'predicted':<16} {'density':>8} "
+            + " ".join(f"{c:>9}" for c in tvs) + f" {'entropy':>8}")
+    lines += ["", head, "-" * len(head)]
+    for _, row in df.iterrows():
+        nxt = row["next_token"]
+        nxt = "" if not isinstance(nxt, str) else repr(nxt)
+        lines.append(f"{int(row['position']):>4}  {repr(row['token'])[:16]:<16} {nxt[:16]:<16} "
+                     f"{repr(row['predicted'])[:16]:<16} {row['density']:>8.4f} "
+                     + " ".join(f"{row[c]:>9.4f}" for c in tvs) + f" {row['entropy']:>8.3f}")
+    return "\n".join(lines)
+
+
+def _add_profile_options(p: argparse.ArgumentParser, text_help: str) -> None:
+    """The arguments ``profile`` and ``generate`` share: the text, the trace options, the outputs."""
+    p.add_argument("text", help=text_help)
+    p.add_argument("--model", default="smollm2-135m", type=_NAME,
+                   help=f"bundled model ({_BUNDLED}; offline), local directory, or hub name (default: smollm2-135m)")
+    p.add_argument("--method", default="strace", choices=_choices("methods"))
+    p.add_argument("--weights", default="l1", choices=_choices("weights"))
+    p.add_argument("--sizes", type=float, nargs="+", help="s-Trace target sizes in (0, 1] (default: paper B's 26)")
+    p.add_argument("--taus", type=float, nargs="+", help="thresholds for --method threshold/nucleus")
+    p.add_argument("--conditions", nargs="+", default=["only"], choices=_choices("conditions"),
+                   help="conditions traced at every position (default: only, the trace itself)")
+    _add_attention(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    p.add_argument("--batch-size", type=int, help="masks per forward pass (default: from the memory budget)")
+    p.add_argument("--memory-budget", type=_bytes, metavar="SIZE",
+                   help="the most memory one position's trace may use, e.g. 2GiB (see tl_strace.memory)")
+    p.add_argument("--out", metavar="DIR", type=_PATH,
+                   help="also write DIR/profile.safetensors (loadable with DensityProfile.load) and DIR/profile.csv "
+                        "(created if missing; its parent must exist)")
+    p.add_argument("--html", metavar="PATH", type=_FILE,
+                   help="also write a standalone HTML page: the text coloured by density (offline)")
+    p.add_argument("--json", action="store_true", help="print the per-position table as JSON instead of text")
+
+
+def _add_profile(p: argparse.ArgumentParser) -> None:
+    _add_profile_options(p, "the text; the prediction after each chosen token is traced")
+    p.add_argument("--positions", type=int, nargs="+", metavar="T",
+                   help="token positions (0-based, BOS included when the model adds one) whose next-token "
+                        "prediction is traced (default: every position from the second token on)")
+    p.add_argument("--no-targets", action="store_true",
+                   help="do not use the text's next token as each position's target (no cross-entropy, rank)")
+
+
+def _check_out_dir(path: str) -> None:
+    """``--out DIR``: an existing writable directory, or a new one whose parent exists and is writable."""
+    from pathlib import Path
+
+    from tl_strace.fsutil import OutputPathError, check_output_path
+
+    d = Path(path)
+    if d.exists() and not d.is_dir():
+        raise OutputPathError(f"--out {path!r} is not a directory; give a directory for the profile's files.")
+    if d.is_dir():
+        for name in ("profile.safetensors", "profile.csv"):
+            check_output_path(d / name, what="--out file")
+        return
+    parent = d.parent if str(d.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputPathError(f"Cannot create --out {path!r}: {str(parent)!r} is not a directory.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"Cannot create --out {path!r}: the directory {str(parent)!r} is not writable.")
+
+
+def _check_profile_args(args: argparse.Namespace) -> None:
+    """Before the model is loaded: the text, the options (as strace checks them), the output paths."""
+    from tl_strace.errors import InputError
+    from tl_strace.fsutil import check_output_path
+    from tl_strace.options import TraceOptions
+
+    if not args.text.strip():
+        raise InputError("The input text is empty (or only whitespace); give at least one word to predict from.")
+    TraceOptions(method=args.method, weights=args.weights, conditions=args.conditions, sizes=args.sizes,
+                 taus=args.taus, seed=args.seed, batch_size=args.batch_size, memory_budget=args.memory_budget,
+                 attention=args.attention)
+    if args.out:
+        _check_out_dir(args.out)
+    if args.html:
+        check_output_path(args.html, what="--html file")
+
+
+def _trace_options(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(sizes=args.sizes, method=args.method, taus=args.taus, weights=args.weights,
+                conditions=args.conditions, seed=args.seed, batch_size=args.batch_size,
+                memory_budget=args.memory_budget, attention=args.attention)
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    from tl_strace.errors import InputError
+
+    _check_profile_args(args)
+    if args.positions is not None:  # their range is checked against the text once it is tokenized
+        bad = [t for t in args.positions if t < 0]
+        if bad:
+            raise InputError(f"Position {bad[0]} is negative; positions count tokens from 0.")
+        if len(set(args.positions)) != len(args.positions):
+            raise InputError("--positions names a position twice; give each position once.")
+    import tl_strace as ts
+
+    model = ts.load_model(args.model)
+    prof = ts.density_profile(model, args.text, args.positions, next_token_targets=not args.no_targets,
+                              **_trace_options(args))
+    return _write_profile(prof, args)
+
+
+def _write_profile(prof: Any, args: argparse.Namespace) -> int:
+    """Print a profile (text or ``--json``) and write its ``--out`` / ``--html`` files."""
+    from tl_strace.fsutil import atomic_write
+
+    written = []
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        prof.save(os.path.join(args.out, "profile.safetensors"))
+        atomic_write(os.path.join(args.out, "profile.csv"), prof.to_dataframe().to_csv(index=False), what="--out file")
+        written.append(f"profile saved to {os.path.join(args.out, 'profile.safetensors')} and profile.csv")
+    if args.html:
+        written.append(f"HTML page written to {prof.save_html(args.html)}")
+    if args.json:
+        rows = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+                for row in prof.to_dataframe().to_dict(orient="records")]  # NaN (no target, no next token): null
+        print(json.dumps({"positions": rows, "timings": prof.timings}, default=float, indent=1))
+        for line in written:  # stdout stays one JSON document
+            print(line, file=sys.stderr)
+    else:
+        print(format_profile(prof))
+        for line in written:
+            print(line)
+    return 0
+
+
+COMMANDS["profile"] = ("trace the next-token prediction after every token of a text (its density profile)",
+                       _add_profile, _run_profile)
+
+
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    _add_profile_options(p, "the prompt the model continues greedily; the prediction of every generated token "
+                            "is traced")
+    p.add_argument("--max-new-tokens", type=int, default=20, help="how many tokens to generate (default 20)")
+    p.add_argument("--no-stop-at-eos", action="store_true", help="keep generating past the end-of-sequence token")
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from tl_strace.errors import InputError
+
+    _check_profile_args(args)
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be at least 1; got {args.max_new_tokens}.")
+    import tl_strace as ts
+
+    model = ts.load_model(args.model)
+    prof = ts.trace_generation(model, args.text, args.max_new_tokens, stop_at_eos=not args.no_stop_at_eos,
+                               **_trace_options(args))
+    if not args.json:
+        P = prof.config["generation"]["prompt_tokens"]
+        print(f"generated: {''.join(prof.str_tokens[P:])!r}")
+    return _write_profile(prof, args)
+
+
+COMMANDS["generate"] = ("generate greedily from a prompt and trace the prediction of every generated token",
+                        _add_generate, _run_generate)
 
 
 # ---------------------------------------------------------------- corpus runs (tl_strace.corpus, tl_strace.analysis)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from jaxtyping import Float, Int
 from typing import Any
 
 import torch
@@ -21,6 +23,8 @@ from tl_strace.graph import EdgeLayout, Graph, check_decomposition, node_vectors
 from tl_strace.memory import rows_for_budget
 from tl_strace.progress import Progress, check_progress
 from tl_strace.model import (
+    CleanRun,
+    ModelSpec,
     check_full_graph,
     clean_run,
     describe_model,
@@ -35,7 +39,7 @@ from tl_strace.results import StraceResult, measured_fields
 from tl_strace.search import STRATIFICATIONS, Strata, random_strata
 from tl_strace.weights import compute_weights
 
-__all__ = ["CONDITIONS", "check_model", "strace"]
+__all__ = ["CONDITIONS", "PreparedGraph", "check_budget", "check_model", "prepare_graph", "strace", "trace_prepared"]
 
 
 def _reaches_input(strata: Strata, layout: EdgeLayout) -> Tensor:
@@ -159,54 +163,99 @@ def strace(
                                 ablate_attention=ablate_attention)  # every check, before any work
     show = check_progress(progress)
     # From here on every option is read from ``opts`` (checked and canonical), never from the arguments.
-    conds = opts.conditions
     require_ready(model)
     tokens = prepare_tokens(model, spec, input, prepend_bos=opts.prepend_bos)
     tgt = target_token(model, spec, target)
-    layout = EdgeLayout(spec.n_layers, spec.n_heads, int(tokens.numel()), parallel=spec.parallel)
-    # Before any work: refuse a memory_budget the call cannot fit (tl_strace.memory).
-    rows_for_budget(spec, layout.n_pos, model_dtype(model), memory_budget=opts.memory_budget, batch_size=opts.batch_size,
-                    n_rows=1, random="random" in conds)
+    check_budget(model, spec, opts, int(tokens.numel()))  # before any work
     timings: dict[str, float] = {}
-
-    with model_guard(model), Progress(show, f"s-Trace ({layout.n_pos} tokens)") as bar:
+    with model_guard(model), Progress(show, f"s-Trace ({int(tokens.numel())} tokens)") as bar:
         bar.stage("forward")
         run = clean_run(model, spec, tokens)
-        t1 = time.perf_counter()
-        timings["forward"] = t1 - t0
+        timings["forward"] = time.perf_counter() - t0
         bar.stage("graph")
-        vec = node_vectors(run)
-        check_decomposition(run, vec, rel_tol=1e-4 if model_dtype(model) == torch.float32 else 2e-2)
-        verify_attention_masking(model, spec, tokens, run.b_O)
-        graph: Graph = compute_weights(vec, layout, opts.weights)
-        full = torch.log_softmax(run.logits, dim=-1)
-        logit_scale = float(run.logits.abs().max())
-        del run, vec  # the clean activations are not needed past here; free them before the search
-        t2 = time.perf_counter()
-        timings["graph"] = t2 - t1
-        bar.stage("search")
-        strata = STRATIFICATIONS[opts.method](graph, opts.parameters)
-        tables = [strata.labels]
-        rnd = None
-        if "random" in conds:
-            rnd = random_strata(graph, strata.counts.tolist(), strata.sizes.tolist(), seed=opts.seed)
-            tables.append(rnd.labels)
-        t3 = time.perf_counter()
-        timings["search"] = t3 - t2
+        prepared = prepare_graph(model, spec, opts, run, timings)
+        del run  # the clean activations are not needed past here; free them before the search
+        res = trace_prepared(model, spec, opts, prepared, tgt, timings, bar=bar)
+    timings["total"] = time.perf_counter() - t0
+    return res
 
-        K = strata.n_strata
-        rows = [MaskRow(table=(1 if c == "random" else 0), k=k, inverse=(c == "inverse")) for c in conds for k in range(K)]
-        chunk = rows_for_budget(spec, layout.n_pos, model_dtype(model), memory_budget=opts.memory_budget,
-                                batch_size=opts.batch_size, n_rows=len(rows), random="random" in conds)
-        # The last stratum of every method is the full graph (every valid edge; the others cannot
-        # reach the last position): its row must give back the clean logits (tl_strace.engine.evaluate).
-        masks = TokenMasks(spec, layout, tables, rows, device=tokens.device, ablate_attention=opts.ablate_attention)
-        bar.stage("evaluate")
-        bar.rows(len(rows))
-        m = evaluate(model, spec, tokens, masks, clean=full, logit_scale=logit_scale,
-                     full_row=conds.index("only") * K + K - 1, chunk=chunk, target=tgt, top_k=opts.top_k,
-                     shape=(len(conds), K), on_rows=bar.advance)
-        timings["evaluate"] = time.perf_counter() - t3
+
+def check_budget(model: Any, spec: ModelSpec, opts: options.TraceOptions, n_pos: int) -> None:
+    """Refuse a ``memory_budget`` a trace over ``n_pos`` tokens cannot fit, before any work
+    (:func:`tl_strace.memory.rows_for_budget`); the bound grows with ``n_pos``."""
+    rows_for_budget(spec, n_pos, model_dtype(model), memory_budget=opts.memory_budget, batch_size=opts.batch_size,
+                    n_rows=1, random="random" in opts.conditions)
+
+
+@dataclass(frozen=True)
+class PreparedGraph:
+    """What the trace of one input keeps of its clean run: the weighted graph, the clean
+    last-position log-probabilities and ``max |logit|`` (the full-graph check's scale)."""
+
+    tokens: Int[Tensor, "pos"]
+    layout: EdgeLayout
+    graph: Graph
+    full: Float[Tensor, "vocab"]
+    logit_scale: float
+
+
+def prepare_graph(model: Any, spec: ModelSpec, opts: options.TraceOptions, run: CleanRun,
+                  timings: dict[str, float]) -> PreparedGraph:
+    """The weighted graph of ``run`` (METHOD.md §1–2), after the exactness checks every trace runs:
+    the edges into every node sum to it, and zeroing attention patterns reaches the model.
+
+    ``run`` is the clean run of exactly the input traced (for a profile, a :meth:`CleanRun.prefix`);
+    its time is added to ``timings["graph"]``. Call inside :func:`tl_strace.model.model_guard`.
+    """
+    t1 = time.perf_counter()
+    layout = EdgeLayout(spec.n_layers, spec.n_heads, run.n_pos, parallel=spec.parallel)
+    vec = node_vectors(run)
+    check_decomposition(run, vec, rel_tol=1e-4 if model_dtype(model) == torch.float32 else 2e-2)
+    verify_attention_masking(model, spec, run.tokens, run.b_O)
+    graph: Graph = compute_weights(vec, layout, opts.weights)
+    full = torch.log_softmax(run.logits, dim=-1)
+    prepared = PreparedGraph(tokens=run.tokens, layout=layout, graph=graph, full=full,
+                             logit_scale=float(run.logits.abs().max()))
+    timings["graph"] = timings.get("graph", 0.0) + time.perf_counter() - t1
+    return prepared
+
+
+def trace_prepared(model: Any, spec: ModelSpec, opts: options.TraceOptions, prepared: PreparedGraph,
+                   tgt: int | None, timings: dict[str, float], *, bar: Progress | None = None) -> StraceResult:
+    """Everything :func:`strace` does after the graph: the search, the masked evaluation (with the
+    full-graph exactness check) and the result. Shared by :func:`strace` and
+    :func:`tl_strace.profile.density_profile`, so a profile's value at a position is the trace of
+    that prefix by construction. Adds ``"search"`` and ``"evaluate"`` to ``timings`` (which the
+    result keeps); call inside :func:`tl_strace.model.model_guard`. ``bar`` shows the stages
+    (:class:`tl_strace.progress.Progress`; none by default).
+    """
+    bar = bar if bar is not None else Progress(False, "")
+    conds = opts.conditions
+    tokens, layout, graph, full = prepared.tokens, prepared.layout, prepared.graph, prepared.full
+    t2 = time.perf_counter()
+    bar.stage("search")
+    strata = STRATIFICATIONS[opts.method](graph, opts.parameters)
+    tables = [strata.labels]
+    rnd = None
+    if "random" in conds:
+        rnd = random_strata(graph, strata.counts.tolist(), strata.sizes.tolist(), seed=opts.seed)
+        tables.append(rnd.labels)
+    t3 = time.perf_counter()
+    timings["search"] = timings.get("search", 0.0) + t3 - t2
+
+    K = strata.n_strata
+    rows = [MaskRow(table=(1 if c == "random" else 0), k=k, inverse=(c == "inverse")) for c in conds for k in range(K)]
+    chunk = rows_for_budget(spec, layout.n_pos, model_dtype(model), memory_budget=opts.memory_budget,
+                            batch_size=opts.batch_size, n_rows=len(rows), random="random" in conds)
+    # The last stratum of every method is the full graph (every valid edge; the others cannot
+    # reach the last position): its row must give back the clean logits (tl_strace.engine.evaluate).
+    masks = TokenMasks(spec, layout, tables, rows, device=tokens.device, ablate_attention=opts.ablate_attention)
+    bar.stage("evaluate")
+    bar.rows(len(rows))
+    m = evaluate(model, spec, tokens, masks, clean=full, logit_scale=prepared.logit_scale,
+                 full_row=conds.index("only") * K + K - 1, chunk=chunk, target=tgt, top_k=opts.top_k,
+                 shape=(len(conds), K), on_rows=bar.advance)
+    timings["evaluate"] = timings.get("evaluate", 0.0) + time.perf_counter() - t3
 
     reach = []
     for c in conds:
@@ -214,7 +263,6 @@ def strace(
             reach.append(torch.ones(K, dtype=torch.bool))
         else:
             reach.append(_reaches_input(rnd if c == "random" else strata, layout))
-    timings["total"] = time.perf_counter() - t0
     return StraceResult(
         model=spec.to_json(),
         config={"method": opts.method, "weights": opts.weights, "ablation": "zero", "seed": int(opts.seed),

@@ -295,13 +295,16 @@ def model_guard(model: Any) -> Iterator[None]:
 
 
 def run_hooked(model: Any, tokens: Tensor, hooks: Sequence[tuple[str, Callable[..., Any]]], *,
-               backend: Backend, last_only: bool = True) -> Tensor:
-    """One forward pass with ``hooks``; returns logits ``[batch, vocab]`` at the last position.
+               backend: Backend, last_only: bool = True, every_position: bool = False) -> Tensor:
+    """One forward pass with ``hooks``; returns logits ``[batch, vocab]`` at the last position, or
+    with ``every_position`` (which needs ``last_only=False``) ``[batch, pos, vocab]`` at every position.
 
     The hooks live only inside TransformerLens's own ``model.hooks`` context, which removes them on
     every exit path. With ``last_only`` the unembedding input is sliced to the last position first,
     which saves the T·d_model·d_vocab unembedding of positions nobody reads.
     """
+    if every_position and last_only:
+        raise ValueError("every_position needs last_only=False (the unembedding of every position)")
     fwd = list(hooks)
     if last_only:
         fwd.append((_UNEMBED_IN[backend], _keep_last))
@@ -323,7 +326,7 @@ def run_hooked(model: Any, tokens: Tensor, hooks: Sequence[tuple[str, Callable[.
         logits = model(tokens, **kwargs)
     finally:
         ctx.__exit__(None, None, None)
-    return logits[:, -1, :]
+    return logits if every_position else logits[:, -1, :]
 
 
 def _keep_last(x: Tensor, hook: Any) -> Tensor:

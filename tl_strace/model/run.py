@@ -28,6 +28,12 @@ class CleanRun:
     All float tensors are float32 copies (weights and metrics are computed in float32 whatever
     the model's dtype). ``norm_w``/``norm_b``/``norm_centre`` plus ``final_scale`` define the
     linearised final norm applied to the last block's edge vectors.
+
+    A run recorded with ``clean_run(..., every_position=True)`` also keeps, for every position, the
+    final norm's scale, the model's own normalised state and the logits (``scales``, ``final_outs``,
+    ``all_logits``): what the run of each prefix reads at its own last position, so
+    :meth:`prefix` can give the clean run of any prefix without another forward pass (the model
+    is causal: nothing at position ``t`` reads a later position).
     """
 
     spec: ModelSpec
@@ -51,6 +57,57 @@ class CleanRun:
     """The post-attention norm linearised at the clean run (sandwich / post-norm blocks), else None.
     ``attn_out`` is then that norm's output (what the block adds to the stream) and
     ``attn_post.inp`` the attention's own output ``Σ_h z_h @ W_O[h] + b_O``."""
+    scales: Float[Tensor, "pos"] | None = None
+    """The final norm's scale at every position (``every_position`` runs only)."""
+    final_outs: Float[Tensor, "pos d_model"] | None = None
+    """The model's own final-norm output at every position (``every_position`` runs only)."""
+    all_logits: Float[Tensor, "pos vocab"] | None = None
+    """The logits at every position (``every_position`` runs only); ``logits`` is the last row."""
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.tokens.numel())
+
+    def prefix(self, n: int) -> "CleanRun":
+        """The clean run of the first ``n`` tokens, sliced from this run of the whole sequence.
+
+        Every per-position field keeps its first ``n`` positions (attention patterns their first
+        ``n`` query and source positions, the post-attention norm's frozen gains their first ``n``);
+        the fields read at the last position (``final_scale``, ``final_out``, ``logits``) are those of
+        position ``n - 1``; the weights (``W_O``, ``b_O``, the norms' weights) are shared. Slices are
+        made contiguous (copies where a slice is strided), as a forward on the prefix lays them out. Needs a run
+        recorded with ``every_position=True``.
+        """
+        if self.scales is None or self.final_outs is None or self.all_logits is None:
+            raise ValueError("CleanRun.prefix needs a run recorded with clean_run(..., every_position=True)")
+        if not 1 <= n <= self.n_pos:
+            raise ValueError(f"a prefix of {n} tokens of a {self.n_pos}-token run")
+        pos = lambda x: x[:, :n].contiguous()  # noqa: E731  [layer, pos, ...] fields
+        post = self.attn_post
+        return CleanRun(
+            spec=self.spec,
+            tokens=self.tokens[:n].contiguous(),
+            resid_pre=pos(self.resid_pre),
+            attn_out=pos(self.attn_out),
+            mlp_out=pos(self.mlp_out),
+            resid_post=pos(self.resid_post),
+            pattern=self.pattern[:, :, :n, :n].contiguous(),
+            v=pos(self.v),
+            z=pos(self.z),
+            W_O=self.W_O,
+            b_O=self.b_O,
+            final_scale=self.scales[n - 1].clone(),
+            final_out=self.final_outs[n - 1].clone(),
+            norm_w=self.norm_w,
+            norm_b=self.norm_b,
+            norm_centre=self.norm_centre,
+            logits=self.all_logits[n - 1].clone(),
+            attn_post=None if post is None else PostNorm(inp=pos(post.inp), w=post.w, b=post.b,
+                                                         gain=pos(post.gain)),
+            scales=self.scales[:n].contiguous(),
+            final_outs=self.final_outs[:n].contiguous(),
+            all_logits=self.all_logits[:n].contiguous(),
+        )
 
     @property
     def resid_mid(self) -> Float[Tensor, "layer pos d_model"]:
@@ -89,8 +146,11 @@ class CleanRun:
         return x
 
 
-def clean_run(model: Any, spec: ModelSpec, tokens: Int[Tensor, "pos"]) -> CleanRun:
+def clean_run(model: Any, spec: ModelSpec, tokens: Int[Tensor, "pos"], *, every_position: bool = False) -> CleanRun:
     """One forward pass on ``tokens`` that records what the graph needs (no gradients).
+
+    With ``every_position`` it also keeps what each position's own prediction reads (the final
+    norm's scale and output, the logits: ``T × d_vocab`` floats more), for :meth:`CleanRun.prefix`.
 
     Raises :class:`InputError` when the model's logits are not finite (NaN/inf: a broken or
     overflowing model, often fp16 without enough range).
@@ -110,7 +170,11 @@ def clean_run(model: Any, spec: ModelSpec, tokens: Int[Tensor, "pos"]) -> CleanR
         keys += [("attn_post_in", l) for l in range(L)]
     hooks = [(hook_name(r, l if l >= 0 else None), saver(r, l)) for r, l in keys]
     with model_guard(model):
-        logits = run_hooked(model, tokens[None], hooks, backend=spec.backend, last_only=False)[0].float()
+        all_logits = run_hooked(model, tokens[None], hooks, backend=spec.backend, last_only=False,
+                                every_position=True)[0].float()
+        logits = all_logits[-1].clone()
+        if not every_position:
+            all_logits = None  # type: ignore[assignment]  # only the last row is kept
         # A hook point that exists but never fires (some TransformerLens adapters delegate a whole
         # sublayer to the HF module: GPT-J's attention under TransformerLens 3.9's bridge) would
         # otherwise surface as a KeyError; name it instead.
@@ -123,7 +187,10 @@ def clean_run(model: Any, spec: ModelSpec, tokens: Int[Tensor, "pos"]) -> CleanR
                 "or backend (HookedTransformer / TransformerBridge)."
             )
         # The last position's normalised state, recomputed from what the unembedding read.
-        final_out = _final_out(model, spec, store[("resid_post", L - 1)][-1], store[("final_scale", -1)][-1])
+        final_outs = (_final_out(model, spec, store[("resid_post", L - 1)], store[("final_scale", -1)])
+                      if every_position else None)
+        final_out = (final_outs[-1] if final_outs is not None
+                     else _final_out(model, spec, store[("resid_post", L - 1)][-1], store[("final_scale", -1)][-1]))
         W_O, b_O = zip(*(attention_output(model, spec, l) for l in range(L)))
         w, b, centre = final_norm_params(model, spec)
         attn_post = None
@@ -131,7 +198,7 @@ def clean_run(model: Any, spec: ModelSpec, tokens: Int[Tensor, "pos"]) -> CleanR
             attn_out = torch.stack([store[("attn_out", l)] for l in range(L)])
             raw = torch.stack([store.pop(("attn_post_in", l)) for l in range(L)])
             attn_post = _post_norm(model, spec, "attn", raw, attn_out)
-    if not torch.isfinite(logits).all():
+    if not torch.isfinite(all_logits if all_logits is not None else logits).all():
         raise InputError(
             f"{spec.name} produced non-finite logits (NaN or inf) on this input; s-Trace compares distributions "
             "and cannot proceed. Check the model weights, or run it in float32 (fp16 overflows easily)."
@@ -139,9 +206,11 @@ def clean_run(model: Any, spec: ModelSpec, tokens: Int[Tensor, "pos"]) -> CleanR
     d = spec.d_model
     # pop while stacking: at most one role is held twice (the per-layer copies and the stack)
     stack = lambda role: torch.stack([store.pop((role, l)) for l in range(L)])  # noqa: E731
-    scale = store[("final_scale", -1)][-1].reshape(-1)
-    if scale.numel() != 1:
+    scales = store[("final_scale", -1)].reshape(tokens.numel(), -1)
+    if scales.shape[1] != 1:
         raise UnsupportedModelError(f"{spec.name}: ln_final.hook_scale is not one number per position.")
+    scales = scales[:, 0]
+    scale = scales[-1:]
     return CleanRun(
         spec=spec,
         tokens=tokens,
@@ -161,17 +230,21 @@ def clean_run(model: Any, spec: ModelSpec, tokens: Int[Tensor, "pos"]) -> CleanR
         norm_centre=centre,
         logits=logits,
         attn_post=attn_post,
+        scales=scales.clone() if every_position else None,
+        final_outs=final_outs,
+        all_logits=all_logits,
     )
 
 
 def _final_out(model: Any, spec: ModelSpec, x_last: Tensor, scale: Tensor) -> Tensor:
-    """What the model's own final norm gives for the last position (the reference to check against)."""
+    """What the model's own final norm gives for the last position (``x_last`` ``[d_model]``; the
+    reference to check against), or for every position (``x_last`` ``[pos, d_model]`` → ``[pos, d_model]``)."""
     ln = model.ln_final
     inner = getattr(ln, "original_component", None) if spec.backend == "bridge" else None
     fn = inner if inner is not None else ln
     with torch.no_grad():
-        out = fn(x_last[None, None].to(model_dtype(model)))
-    return out.reshape(-1).float()
+        out = fn(x_last.reshape(1, -1, x_last.shape[-1]).to(model_dtype(model)))
+    return out.reshape(x_last.shape).float()
 
 
 def clean_patterns(model: Any, tokens: Int[Tensor, "pos"], *, n_layers: int, n_heads: int,

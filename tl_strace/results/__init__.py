@@ -9,8 +9,9 @@ file's metadata: loading a result someone sent you never runs code.
 # The package is split by job (_schema, subgraph, result: the base, token, component); these names are its interface.
 from tl_strace.results._schema import FORMAT_VERSION
 from tl_strace.results.component import ComponentResult
+from tl_strace.results.profile import DensityProfile
 from tl_strace.results.result import TraceResult, measured_fields, register_view
 from tl_strace.results.token import StraceResult
 from tl_strace.results.subgraph import Subgraph
 
-__all__ = ["FORMAT_VERSION", "ComponentResult", "StraceResult", "Subgraph", "TraceResult", "measured_fields", "register_view"]
+__all__ = ["FORMAT_VERSION", "ComponentResult", "DensityProfile", "StraceResult", "Subgraph", "TraceResult", "measured_fields", "register_view"]

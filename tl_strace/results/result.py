@@ -203,6 +203,13 @@ class TraceResult:
         :class:`~tl_strace.fsutil.OutputPathError`. The file carries a SHA-256 checksum of its
         content, verified by :meth:`load`.
         """
+        tensors, meta = self._stored()
+        write_tensors(path, tensors, "tl_strace", meta, what="tl_strace result file")
+
+    def _stored(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """What :meth:`save` writes: the tensors (as stored: labels/rank int32, flags uint8) and the
+        JSON metadata (with ``format_version``); :meth:`_from_stored` reads them back. Files that hold
+        several results (:class:`tl_strace.results.DensityProfile`) store each through these two."""
         tensors = {n: getattr(self, n).contiguous().cpu() for n in self._tensor_fields()}
         tensors["labels"] = tensors["labels"].clamp(max=torch.iinfo(torch.int32).max).to(torch.int32)
         tensors["rank"] = tensors["rank"].to(torch.int32)
@@ -210,7 +217,7 @@ class TraceResult:
         meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._tensor_fields()}
         meta["conditions"] = list(self.conditions)
         meta["format_version"] = FORMAT_VERSION
-        write_tensors(path, tensors, "tl_strace", meta, what="tl_strace result file")
+        return tensors, meta
 
     def validate(self) -> None:
         """Check every field's type, every tensor's dtype and shape, and the consistency between
@@ -248,6 +255,12 @@ class TraceResult:
         path = as_path(path, "tl_strace result file")
         meta, tensors = read_tensors(path, "tl_strace", what="tl_strace result file",
                                      missing=f"No result file at {path!r}.")
+        return cls._from_stored(path, meta, tensors)
+
+    @classmethod
+    def _from_stored(cls, path: str, meta: Any, tensors: dict[str, Tensor]) -> "TraceResult":
+        """The result of what :meth:`_stored` gave (read back from ``path``, named in errors),
+        migrated and checked as :meth:`load` describes; ``meta`` is modified."""
         version = meta.pop("format_version", None) if isinstance(meta, dict) else None
         if isinstance(version, bool) or version not in _READABLE_VERSIONS:
             raise ResultsError(f"{path!r} was written by an incompatible tl_strace version.")

@@ -19,6 +19,7 @@ from tl_strace.views._html import HTMLView
 from tl_strace.views.circuit import circuit_view
 from tl_strace.views.detail import attention_patterns, colored_tokens, detail_views, topk_tokens
 from tl_strace.views.plots import plot_curves, plot_shares, save_plots
+from tl_strace.views.profile import interactive_html, plot_profile, profile_figure, profile_view, save_profile_html
 from tl_strace.views.report import report_html, save_report
 
 register_view("html", lambda res: circuit_view(res).html)
@@ -26,6 +27,9 @@ register_view("report", save_report)
 register_view("details", detail_views)
 register_view("plot", plot_curves)
 register_view("plot_shares", plot_shares)
+register_view("profile_html", lambda prof: profile_view(prof).html)
+register_view("profile_save", save_profile_html)
+register_view("profile_plot", plot_profile)
 
 __all__ = [
     "ComponentStats",
@@ -36,10 +40,15 @@ __all__ = [
     "component_stats",
     "detail_views",
     "edge_shares",
+    "interactive_html",
     "plot_curves",
+    "plot_profile",
     "plot_shares",
+    "profile_figure",
+    "profile_view",
     "report_html",
     "save_plots",
+    "save_profile_html",
     "save_report",
     "token_contributions",
     "topk_tokens",

@@ -151,7 +151,7 @@ def summary_html(res: TraceResult) -> str:
 
 
 def circuit_view(res: TraceResult, *, s: float | None = None, max_edges: int = 2000, per_head: int = 12,
-                 curves: bool = True) -> HTMLView:
+                 curves: bool = True, static: bool = True) -> HTMLView:
     """The result as one self-contained, interactive HTML fragment (summary, curves, circuit).
 
     Args:
@@ -161,6 +161,9 @@ def circuit_view(res: TraceResult, *, s: float | None = None, max_edges: int = 2
         max_edges: how many of the first edges the search took to embed at token level.
         per_head: how many more edges to embed per head (its first by rank), so any head expands.
         curves: include the TV and shared-nucleus curves above the circuit.
+        static: include the static picture shown where scripts do not run (a PNG of the curves and
+            the grid, ~70 kB and most of the view's build time); ``False`` for a view inserted by a
+            script, which therefore always runs (the profile view's click).
 
     Returns:
         An :class:`~tl_strace.views._html.HTMLView`; Jupyter displays it, ``.save(path)`` writes a page.
@@ -178,13 +181,14 @@ def circuit_view(res: TraceResult, *, s: float | None = None, max_edges: int = 2
     vid = render_id("tls", data)
     K = int(res.sizes.numel())
     parts = [f'<div class="tls-view" id="{vid}" data-tls-circuit="{DATA_VERSION}">', f"<style>{circuit_css()}</style>",
-             summary_html(res),
-             # What shows where scripts do not run (an untrusted notebook, a preview, print): a PNG of
-             # the curves and the component grid; the script hides it and shows the live view below.
-             static_img_html(res, stratum_index(res, s)),
-             '<div class="tls-note tls-static-note">A static picture: where scripts run (a trusted notebook, '
-             'the saved page), the curves and the circuit are interactive.</div>',
-             '<div class="tls-live" hidden>']
+             summary_html(res)]
+    if static:
+        # What shows where scripts do not run (an untrusted notebook, a preview, print): a PNG of
+        # the curves and the component grid; the script hides it and shows the live view below.
+        parts += [static_img_html(res, stratum_index(res, s)),
+                  '<div class="tls-note tls-static-note">A static picture: where scripts run (a trusted notebook, '
+                  'the saved page), the curves and the circuit are interactive.</div>']
+    parts.append('<div class="tls-live" hidden>')
     if curves:
         parts.append(curves_svg(res))
     parts.append(
