@@ -18,7 +18,7 @@ A token-level :func:`tl_strace.strace` call holds three kinds of data:
 
 plus :data:`OVERHEAD_BYTES` of small tensors and allocator slack. The estimate is their sum::
 
-    estimate = (56 + 64·[random])·L·H·T² + 4·(L·T·d_model·(H + 8) + L·H·d_head·d_model + T·d_vocab)
+    estimate = (56 + 96·[random])·L·H·T² + 4·(L·T·d_model·(H + 8) + L·H·d_head·d_model + T·d_vocab)
                + rows·bytes_per_row(T) + 64 MiB
 
 It is an upper bound, not a prediction: ``benchmarks/bench_memory.py`` measures the peak resident
@@ -54,11 +54,14 @@ __all__ = ["DEFAULT_ROWS_BUDGET", "EDGE_SLOT_BYTES", "OVERHEAD_BYTES", "PATTERN_
 EDGE_SLOT_BYTES = 56
 """Peak bytes per edge slot (``L·H·T²`` slots) held by the graph, the search and the strata."""
 
-RANDOM_SLOT_BYTES = 64
+RANDOM_SLOT_BYTES = 96
 """Extra bytes per edge slot when the *random* condition is evaluated: the same search on float64
 uniform weights, where most edges tie in a few huge runs, ordered with tensors and only where a
-stratum's count cuts them (:mod:`tl_strace.search._cascade`, ``strace_order`` §5). It was 128 while
-those runs were replayed as Python lists; ``benchmarks/bench_memory.py`` checks the bound."""
+stratum's count cuts them (:mod:`tl_strace.search._cascade`, ``strace_order`` §5). Measured alone
+(``benchmarks/bench_search.py``, SmolLM2's shape): 31, 61 and 85 bytes per slot at 128, 256 and
+512 tokens (the huge runs' share of the edges grows with length); it was 128 while those runs were
+replayed as Python lists (137 measured at 256 tokens). ``benchmarks/bench_memory.py`` checks the
+whole bound on real calls."""
 
 PATTERN_SLOT_BYTES = 8
 """Bytes per slot a component-level call holds: the clean attention patterns and one transient."""
