@@ -189,16 +189,17 @@ def _run_trace(args: argparse.Namespace) -> int:
         written.append(f"result saved to {args.save}")
     if args.html:
         written.append(f"HTML report written to {res.save_html(args.html, model=model)}")
-    if args.json:
-        print(json.dumps({"summary": res.summary(), "strata": res.to_dataframe().to_dict(orient="records")},
-                         default=float, indent=1))
-        for line in written:  # stdout stays one JSON document
-            print(line, file=sys.stderr)
-    else:
-        print(format_trace(res))
-        for line in written:
-            print(line)
+    _emit(args.json, lambda: json.dumps({"summary": res.summary(), "strata": res.to_dataframe().to_dict(orient="records")},
+                                        default=float, indent=1), lambda: format_trace(res), written)
     return 0
+
+
+def _emit(as_json: bool, document: Callable[[], str], text: Callable[[], str], written: list[str]) -> None:
+    """Print a command's output: one JSON document on stdout (the notes of what was written go to
+    stderr, so stdout stays parseable), or the text followed by those notes."""
+    print(document() if as_json else text())
+    for line in written:
+        print(line, file=sys.stderr if as_json else sys.stdout)
 
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
@@ -339,16 +340,12 @@ def _write_profile(prof: Any, args: argparse.Namespace) -> int:
         written.append(f"profile saved to {os.path.join(args.out, 'profile.safetensors')} and profile.csv")
     if args.html:
         written.append(f"HTML page written to {prof.save_html(args.html)}")
-    if args.json:
+    def document() -> str:
         rows = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
                 for row in prof.to_dataframe().to_dict(orient="records")]  # NaN (no target, no next token): null
-        print(json.dumps({"positions": rows, "timings": prof.timings}, default=float, indent=1))
-        for line in written:  # stdout stays one JSON document
-            print(line, file=sys.stderr)
-    else:
-        print(format_profile(prof))
-        for line in written:
-            print(line)
+        return json.dumps({"positions": rows, "timings": prof.timings}, default=float, indent=1)
+
+    _emit(args.json, document, lambda: format_profile(prof), written)
     return 0
 
 
