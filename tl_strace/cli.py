@@ -133,14 +133,19 @@ def format_trace(res: Any, *, show_tokens: Sequence[float] = (1e-3, 1e-2, 0.1, 0
     return "\n".join(lines)
 
 
-def _add_trace(p: argparse.ArgumentParser) -> None:
-    p.add_argument("text", help="the input text; the token after its last token is the prediction traced")
+def _add_text_model_search(p: argparse.ArgumentParser, text_help: str) -> None:
+    """The arguments every tracing command shares: the text, the model, the search."""
+    p.add_argument("text", help=text_help)
     p.add_argument("--model", default="smollm2-135m", type=_NAME,
                    help=f"bundled model ({_BUNDLED}; offline), local directory, or hub name (default: smollm2-135m)")
     p.add_argument("--method", default="strace", choices=_choices("methods"))
     p.add_argument("--weights", default="l1", choices=_choices("weights"))
     p.add_argument("--sizes", type=float, nargs="+", help="s-Trace target sizes in (0, 1] (default: paper B's 26)")
     p.add_argument("--taus", type=float, nargs="+", help="thresholds for --method threshold/nucleus")
+
+
+def _add_trace(p: argparse.ArgumentParser) -> None:
+    _add_text_model_search(p, "the input text; the token after its last token is the prediction traced")
     p.add_argument("--conditions", nargs="+", default=_choices("conditions"), choices=_choices("conditions"))
     p.add_argument("--target", help="the true next token (text), for cross-entropy and rank")
     _add_attention(p)
@@ -236,13 +241,7 @@ def format_profile(prof: Any) -> str:
 
 def _add_profile_options(p: argparse.ArgumentParser, text_help: str) -> None:
     """The arguments ``profile`` and ``generate`` share: the text, the trace options, the outputs."""
-    p.add_argument("text", help=text_help)
-    p.add_argument("--model", default="smollm2-135m", type=_NAME,
-                   help=f"bundled model ({_BUNDLED}; offline), local directory, or hub name (default: smollm2-135m)")
-    p.add_argument("--method", default="strace", choices=_choices("methods"))
-    p.add_argument("--weights", default="l1", choices=_choices("weights"))
-    p.add_argument("--sizes", type=float, nargs="+", help="s-Trace target sizes in (0, 1] (default: paper B's 26)")
-    p.add_argument("--taus", type=float, nargs="+", help="thresholds for --method threshold/nucleus")
+    _add_text_model_search(p, text_help)
     p.add_argument("--conditions", nargs="+", default=["only"], choices=_choices("conditions"),
                    help="conditions traced at every position (default: only, the trace itself)")
     _add_attention(p)
