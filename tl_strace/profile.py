@@ -27,6 +27,7 @@ from tl_strace.errors import InputError
 from tl_strace.model import (ModelSpec, clean_run, describe_model, model_guard, prepare_tokens, require_ready,
                              run_hooked, serialised, str_tokens)
 from tl_strace.options import TraceOptions
+from tl_strace.progress import Progress, check_progress
 from tl_strace.pipeline import check_budget, prepare_graph, trace_prepared
 from tl_strace.results import DensityProfile
 
@@ -92,6 +93,7 @@ def density_profile(
     prepend_bos: bool | None = None,
     attention: str | None = None,
     ablate_attention: bool | None = None,
+    progress: bool | None = None,
 ) -> DensityProfile:
     """Trace the next-token prediction after each chosen position of ``text``: one
     :class:`~tl_strace.results.StraceResult` per position, from one clean forward of the whole text.
@@ -123,6 +125,8 @@ def density_profile(
         sizes, method, taus, weights, conditions, seed, top_k, batch_size, memory_budget, prepend_bos,
         attention, ablate_attention: as for :func:`~tl_strace.strace`, the same for every position;
             a ``memory_budget`` is checked against the longest prefix before any work.
+        progress: a text bar of the positions done (and which one runs) once the call has run
+            2 s, as for :func:`~tl_strace.strace` (default: only where someone watches).
 
     Memory: the profile keeps every position's whole result, whose trace fields (labels, rank,
     weights) take about 20 bytes per edge slot of its prefix; ``memory_budget`` bounds one
@@ -145,6 +149,7 @@ def density_profile(
     for name, flag in (("next_token_targets", next_token_targets), ("shared_forward", shared_forward)):
         if not isinstance(flag, bool):
             raise InputError(f"{name} must be True or False, got {flag!r:.60}.")
+    show = check_progress(progress)
     require_ready(model)
     tokens = prepare_tokens(model, spec, text, prepend_bos=opts.prepend_bos)
     T = int(tokens.numel())
@@ -152,12 +157,15 @@ def density_profile(
     check_budget(model, spec, opts, chosen[-1] + 1)  # the longest prefix bounds every position's memory
     timings = {"forward": 0.0, "graph": 0.0, "search": 0.0, "evaluate": 0.0}
     results = []
-    with model_guard(model):
+    with model_guard(model), Progress(show, f"density profile ({len(chosen)} positions)", unit="position") as bar:
+        bar.stage("forward")
+        bar.rows(len(chosen))
         # Only the positions up to the last chosen one are ever read.
         full = (clean_run(model, spec, tokens[: chosen[-1] + 1], every_position=True) if shared_forward
                 else None)
         timings["forward"] = time.perf_counter() - t0
         for t in chosen:
+            bar.stage(f"position {t}")
             t1 = time.perf_counter()
             own: dict[str, float] = {}
             # the slice (this position's share of the one forward), or the prefix's own forward
@@ -174,6 +182,7 @@ def density_profile(
             for k in ("graph", "search", "evaluate"):
                 timings[k] += own[k]
             results.append(res)
+            bar.advance(1)
         del full
     timings["total"] = time.perf_counter() - t0
     first = results[0]  # every position's config is the same: the options, checked once

@@ -67,15 +67,16 @@ def check_progress(progress: Any) -> bool:
 
 
 class Progress:
-    """A stage label and a count of masked rows, as one delayed, self-clearing text bar."""
+    """A stage label and a count (masked rows, or a profile's positions), as one delayed,
+    self-clearing text bar."""
 
-    def __init__(self, enabled: bool, desc: str) -> None:
+    def __init__(self, enabled: bool, desc: str, unit: str = "row") -> None:
         self._bar: Any = None
         self._desc = desc
         if enabled:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=None, desc=desc, unit="row", delay=DELAY_S, leave=False, file=sys.stderr,
+            self._bar = tqdm(total=None, desc=desc, unit=unit, delay=DELAY_S, leave=False, file=sys.stderr,
                              dynamic_ncols=True, mininterval=MIN_INTERVAL_S)
 
     def stage(self, name: str) -> None:
@@ -84,12 +85,12 @@ class Progress:
             self._bar.set_description_str(f"{self._desc}: {name}", refresh=False)
 
     def rows(self, total: int) -> None:
-        """The number of masked rows the evaluate stage will run."""
+        """How many units (masked rows of the evaluate stage, positions of a profile) are to come."""
         if self._bar is not None:
             self._bar.reset(total=int(total))
 
     def advance(self, n: int) -> None:
-        """``n`` more masked rows are done."""
+        """``n`` more units are done."""
         if self._bar is not None:
             self._bar.update(int(n))
 

@@ -42,3 +42,14 @@ def test_a_bad_progress_value_is_refused_before_any_work():
     with pytest.raises(InputError, match="progress must be True, False or None"):
         progress_mod.check_progress("yes")
     assert progress_mod.check_progress(True) and not progress_mod.check_progress(False)
+
+
+def test_a_profile_asked_for_progress_counts_its_positions(llama_model, tokens, capsys, monkeypatch):
+    monkeypatch.setattr(progress_mod, "DELAY_S", 0.0)
+    monkeypatch.setattr(progress_mod, "MIN_INTERVAL_S", 0.0)
+    prof = ts.density_profile(llama_model, tokens, [3, 5], sizes=[0.1], conditions=["only"], progress=True)
+    err = capsys.readouterr().err
+    assert "density profile (2 positions)" in err and "position 5" in err and "2/2" in err, err
+    ts.density_profile(llama_model, tokens, [3], sizes=[0.1], conditions=["only"])  # default: silent in tests
+    assert capsys.readouterr().err == ""
+    assert prof.positions == (3, 5)
