@@ -53,3 +53,16 @@ def test_a_profile_asked_for_progress_counts_its_positions(llama_model, tokens, 
     ts.density_profile(llama_model, tokens, [3], sizes=[0.1], conditions=["only"])  # default: silent in tests
     assert capsys.readouterr().err == ""
     assert prof.positions == (3, 5)
+
+
+def test_a_component_call_asked_for_progress_counts_its_rows(llama_model, tokens, capsys, monkeypatch):
+    from tl_strace.components import component_strace
+
+    monkeypatch.setattr(progress_mod, "DELAY_S", 0.0)
+    monkeypatch.setattr(progress_mod, "MIN_INTERVAL_S", 0.0)
+    res = component_strace(llama_model, tokens, sizes=[0.5], progress=True)
+    err = capsys.readouterr().err
+    n = res.sizes.numel()
+    assert "component s-Trace" in err and "evaluate" in err and f"{n}/{n}" in err, err
+    component_strace(llama_model, tokens, sizes=[0.5])
+    assert capsys.readouterr().err == ""

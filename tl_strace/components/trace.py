@@ -35,6 +35,7 @@ from tl_strace.model import (
     target_token,
 )
 from tl_strace.results import ComponentResult, measured_fields
+from tl_strace.progress import Progress, check_progress
 from tl_strace.search import check_sizes, labels_from_rank, rank_of, target_counts
 
 
@@ -77,6 +78,7 @@ def component_strace(
     batch_size: int | None = None,
     memory_budget: int | str | None = None,
     prepend_bos: bool | None = None,
+    progress: bool | None = None,
 ) -> ComponentResult:
     """s-Trace at component granularity: nested sets of heads/MLPs, ranked by ``scorer`` and
     evaluated by batched masked forwards; density as for the token-level trace.
@@ -106,6 +108,8 @@ def component_strace(
         batch_size / memory_budget: rows per masked forward / the whole call's memory bound, as in
             :func:`tl_strace.strace` (component calls have no edge space; see :mod:`tl_strace.memory`).
         prepend_bos: passed to ``model.to_tokens`` for text.
+        progress: a text bar of the stage and the masked rows done once the call has run 2 s, as
+            for :func:`tl_strace.strace` (default: only where someone watches).
 
     Returns:
         A :class:`~tl_strace.results.ComponentResult` (``config["granularity"] == "component"``).
@@ -117,6 +121,7 @@ def component_strace(
                             memory_budget=memory_budget, prepend_bos=prepend_bos, scorer=scorer, ablation=ablation,
                             mean_positions=mean_positions, per_position=per_position, greedy_steps=greedy_steps,
                             attribution_point=attribution_point)
+    show = check_progress(progress)
     # From here on every option is read from ``opts`` (checked and canonical), never from the arguments.
     conds = opts.conditions
     require_ready(model)
@@ -133,7 +138,8 @@ def component_strace(
                             n_rows=3 * C, edge_space=False, backward=opts.scorer == "attribution")
     timings: dict[str, float] = {}
 
-    with model_guard(model):
+    with model_guard(model), Progress(show, f"component s-Trace ({T} tokens)") as bar:
+        bar.stage("forward")
         run = clean_run(model, spec, tokens)
         # The identities component ablation relies on (attention output = Σ_h z_h W_O[h] + b_O,
         # block output = stream + attention + MLP, the linearised final norm), and that the hooks
@@ -148,6 +154,7 @@ def component_strace(
         timings["forward"] = t1 - t0
         ctx = _Context(model, spec, tokens, space, abl, run, full, chunk,
                        {"attribution_point": opts.attribution_point, "greedy_steps": opts.greedy_steps, "tv_empty": tv_empty})
+        bar.stage(f"search ({opts.scorer})")
         order, score = COMPONENT_SCORERS[opts.scorer](ctx)
         t2 = time.perf_counter()
         timings["search"] = t2 - t1
@@ -169,9 +176,11 @@ def component_strace(
         # The last "only" row keeps every component (the full model): it must give back the clean
         # logits, or something outside the hook points changes the model (tl_strace.engine.evaluate).
         masks = ComponentMasks(spec, space, torch.cat(rows), abl, device=tokens.device, dtype=model_dtype(model))
+        bar.stage("evaluate")
+        bar.rows(masks.n_rows)
         m = evaluate(model, spec, tokens, masks, clean=full, logit_scale=logit_scale,
                      full_row=conds.index("only") * K + K - 1, chunk=chunk, target=tgt, top_k=opts.top_k,
-                     shape=shape)
+                     shape=shape, on_rows=bar.advance)
         timings["evaluate"] = time.perf_counter() - t2
 
     timings["total"] = time.perf_counter() - t0

@@ -101,6 +101,7 @@ def _make_tracer(granularity: str, ablation: str, ablate_attention: bool,
     params = set(inspect.signature(component_strace).parameters)
     kw = {k: v for k, v in kw.items() if k in params and k not in ("method", "weights", "taus")}
     kw["ablation"] = ablation
+    kw["progress"] = False  # the runner draws its own bar, per passage
     return component_strace, kw
 
 
