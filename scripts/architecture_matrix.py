@@ -320,7 +320,18 @@ def registry() -> list[str]:
     return list(SUPPORTED_ARCHITECTURES)
 
 
-def _md(rows: list[dict[str, Any]], seconds: float) -> str:
+def generated_versions(text: str) -> dict[str, str]:
+    """The TransformerLens and transformers versions a generated table says it was built under."""
+    import re
+
+    tl = re.search(r"TransformerLens (\S+)'s adapter registry", text)
+    hf = re.search(r"from its Hugging Face config \(transformers (\S+),", text)
+    return {"transformer-lens": tl.group(1) if tl else "?", "transformers": hf.group(1) if hf else "?"}
+
+
+def _md(rows: list[dict[str, Any]], seconds: float, versions: dict[str, str] | None = None) -> str:
+    """The table as Markdown. ``versions``: the TransformerLens and transformers versions to name
+    (default: those installed, the ones a regeneration runs under)."""
     def esc(s: str) -> str:
         return str(s).replace("|", "\\|").replace("\n", " ")
 
@@ -330,7 +341,10 @@ def _md(rows: list[dict[str, Any]], seconds: float) -> str:
     main.sort(key=lambda r: (order[r["status"]], r["architecture"].lower()))
     other.sort(key=lambda r: (r["reason"], r["architecture"].lower()))
     counts = {k: sum(r["status"] == k for r in main) for k in order}
-    from importlib.metadata import version
+    from importlib.metadata import version as installed
+
+    def version(name: str) -> str:
+        return versions[name] if versions else installed(name)
 
     out = [
         "# Architecture matrix",

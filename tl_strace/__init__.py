@@ -37,6 +37,7 @@ _LAZY = {
     "check_model": "tl_strace.pipeline",
     "density_profile": "tl_strace.profile",
     "trace_generation": "tl_strace.profile",
+    "Sampling": "tl_strace.profile",
     "DensityProfile": "tl_strace.results",
     "strace": "tl_strace.pipeline",
     "ComponentResult": "tl_strace.results",
@@ -77,7 +78,7 @@ if not _is_command():
     from tl_strace.io.models import load_model
     from tl_strace.mean import MeanCache, compute_means
     from tl_strace.pipeline import check_model, strace
-    from tl_strace.profile import density_profile, trace_generation
+    from tl_strace.profile import Sampling, density_profile, trace_generation
     from tl_strace.results import ComponentResult, DensityProfile, StraceResult, Subgraph, TraceResult
     from tl_strace.search import DEFAULT_SIZES
     from tl_strace import views as _views  # noqa: F401  registers the result display methods' renderers
@@ -91,6 +92,7 @@ __all__ = [
     "MeanCache",
     "ModelLoadError",
     "ResultsError",
+    "Sampling",
     "StraceError",
     "StraceResult",
     "Subgraph",

@@ -357,6 +357,12 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
                             "is traced")
     p.add_argument("--max-new-tokens", type=int, default=20, help="how many tokens to generate (default 20)")
     p.add_argument("--no-stop-at-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    g = p.add_argument_group("sampling (default: greedy; any of these samples instead, see tl_strace.Sampling)")
+    g.add_argument("--temperature", type=float, help="divide the logits by T before sampling (default 1 when sampling)")
+    g.add_argument("--top-p", type=float, metavar="P", help="sample from the smallest set of tokens whose probability "
+                                                             "reaches P (nucleus sampling)")
+    g.add_argument("--sample-top-k", type=int, metavar="K", help="sample from the K most likely tokens")
+    g.add_argument("--sample-seed", type=int, metavar="S", help="seed of the sampler (default 0: the same text every run)")
 
 
 def _run_generate(args: argparse.Namespace) -> int:
@@ -367,16 +373,21 @@ def _run_generate(args: argparse.Namespace) -> int:
         raise InputError(f"--max-new-tokens must be at least 1; got {args.max_new_tokens}.")
     import tl_strace as ts
 
+    sampling = None
+    chosen = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p),
+                                ("top_k", args.sample_top_k), ("seed", args.sample_seed)) if v is not None}
+    if chosen:
+        sampling = ts.Sampling(**chosen)  # checked before the model is loaded
     model = ts.load_model(args.model)
     prof = ts.trace_generation(model, args.text, args.max_new_tokens, stop_at_eos=not args.no_stop_at_eos,
-                               **_trace_options(args))
+                               sampling=sampling, **_trace_options(args))
     if not args.json:
         P = prof.config["generation"]["prompt_tokens"]
         print(f"generated: {''.join(prof.str_tokens[P:])!r}")
     return _write_profile(prof, args)
 
 
-COMMANDS["generate"] = ("generate greedily from a prompt and trace the prediction of every generated token",
+COMMANDS["generate"] = ("generate from a prompt (greedily, or sampled) and trace the prediction of every generated token",
                         _add_generate, _run_generate)
 
 
@@ -414,6 +425,9 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="masks per forward pass (default: from the memory budget)")
     p.add_argument("--memory-budget", type=_bytes, metavar="SIZE",
                    help="the most memory one trace may use, e.g. 2GiB or 512MiB (see tl_strace.memory)")
+    p.add_argument("--every-position", action="store_true",
+                   help="also trace the prediction after every token of each passage (density along the text; "
+                        "load_run(DIR).profile), from one clean forward per passage; token granularity")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -425,7 +439,8 @@ def _run_run(args: argparse.Namespace) -> int:
                          taus=args.taus, weights=args.weights, seed=args.seed, batch_size=args.batch_size,
                          memory_budget=args.memory_budget,
                          attention=args.attention,
-                         record_sizes=args.record_sizes or DEFAULT_RECORD_SIZES, progress=not args.quiet)
+                         record_sizes=args.record_sizes or DEFAULT_RECORD_SIZES, every_position=args.every_position,
+                         progress=not args.quiet)
     if summary.rank == 0:
         print(summary.report())
     return 0

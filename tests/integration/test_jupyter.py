@@ -84,8 +84,11 @@ CELLS = [
     "attention_patterns(res, res.clean_patterns(model), 0.1)",
     "res.detail_views(0.1, model=model)",
     "res.detail_views(0.4, model=model)",
+    f"from tl_strace import density_profile\nprof = density_profile(model, {TEXT!r}, sizes={SIZES!r}, conditions=('only',))",
+    "prof",
 ]
-N_CV = 1 + 3 + 3  # circuitsvis figures drawn: the attention figure, then three per detail_views
+# circuitsvis figures drawn: the attention figure, three per detail_views, the profile's coloured text
+N_CV = 1 + 3 + 3 + 1
 
 
 # ------------------------------------------------------------------------------------------ a small CDP client
@@ -464,6 +467,56 @@ def test_slider_by_mouse_and_keyboard(executed, browser: Browser):
     assert home["value"] == 0 and home["label"] == before["label"]
     # the keys moved the slider, not the notebook's active cell
     assert cdp.js("NB().content.activeCell.model.sharedModel.source") == "res"
+
+
+def _profile_state(cdp: CDP) -> dict[str, Any]:
+    return cdp.js("""(() => { const root = document.querySelector('.tls-profile');
+      const tip = root.querySelector('.tls-prof-tip'), a = document.activeElement;
+      return {hover: root.getAttribute('data-tls-hover'), open: root.getAttribute('data-tls-open'),
+              tipShown: !tip.hidden, tip: tip.textContent, spark: tip.querySelectorAll('polyline').length,
+              detailRows: root.querySelectorAll('.tls-prof-detail tr').length,
+              focusedK: a && a.classList.contains('tls-prof-tok') ? +a.getAttribute('data-k') : null,
+              mode: NB().content.mode, cell: NB().content.activeCell.model.sharedModel.source}; })()""")
+
+
+def test_profile_hover_click_and_keys(executed, browser: Browser, shots: Path):
+    """The density profile as a notebook shows it: real mouse hover and click on a token, then the
+    keyboard (arrows move between tokens, Enter opens one) without JupyterLab's shortcuts acting."""
+    cdp = browser.cdp
+    cdp.wait("!!document.querySelector('.tls-profile[data-tls-ready=\"1\"]')", 60, "the profile view's script")
+    ts_ = cdp.js("JSON.parse(document.querySelector('.tls-profile script.tls-prof-data').textContent)"
+                 ".pos.map(p => p.t)")
+    assert len(ts_) >= 4 and cdp.js("document.querySelectorAll('.tls-profile .tls-prof-tok').length") == len(ts_)
+    r = _rect(cdp, ".tls-profile .tls-prof-tok", 1)
+    x, y = r["x"] + r["width"] / 2, r["y"] + r["height"] / 2
+    cdp.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+    st = _profile_state(cdp)
+    assert st["tipShown"] and st["hover"] == str(ts_[1]) and st["spark"] == 1, st
+    assert st["tip"].startswith(f"position {ts_[1]}: after "), st
+    cdp.shot(_rect(cdp, ".tls-profile"), "live-profile-hover", shots)  # scrolls: find the token again
+    r = _rect(cdp, ".tls-profile .tls-prof-tok", 1)
+    x, y = r["x"] + r["width"] / 2, r["y"] + r["height"] / 2
+    cdp.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+    for kind in ("mousePressed", "mouseReleased"):
+        cdp.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+    st = _profile_state(cdp)
+    assert st["open"] == str(ts_[1]) and st["detailRows"] > len(SIZES) and st["focusedK"] == 1, st
+    cell = st["cell"]
+    cdp.key("ArrowRight", 39)
+    st = _profile_state(cdp)
+    assert st["focusedK"] == 2 and st["hover"] == str(ts_[2]) and st["tipShown"], st
+    cdp.key("Enter", 13)
+    st = _profile_state(cdp)
+    assert st["open"] == str(ts_[2]), st
+    # JupyterLab did not take the keys: still in command mode (Enter would edit the cell), same cell
+    assert st["mode"] == "command" and st["cell"] == cell, st
+    cdp.key("End", 35)
+    assert _profile_state(cdp)["focusedK"] == len(ts_) - 1
+    cdp.key("ArrowLeft", 37)
+    assert _profile_state(cdp)["focusedK"] == len(ts_) - 2
+    cdp.call("Input.dispatchMouseEvent", type="mouseMoved", x=5, y=5)
+    cdp.js("document.activeElement.blur()")
+    assert not _profile_state(cdp)["tipShown"]
 
 
 def test_circuitsvis_figures_not_blank(executed, browser: Browser, shots: Path):

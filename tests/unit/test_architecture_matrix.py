@@ -54,7 +54,11 @@ def test_table_lists_the_whole_registry():
 
 
 def test_markdown_is_generated_from_the_json():
-    assert am.DOCS_MD.read_text() == am._md(ROWS, 0.0), REGEN
+    # The header names the versions the table was generated under (a newer transformers release on a
+    # fresh machine does not make it stale); every row is re-classified under the installed ones below.
+    text = am.DOCS_MD.read_text()
+    assert text == am._md(ROWS, 0.0, versions=am.generated_versions(text)), REGEN
+    assert am.generated_versions(text)["transformer-lens"].startswith("4.3.")
 
 
 @pytest.mark.parametrize("arch", sorted(MUST_BE_EXACT))

@@ -95,3 +95,14 @@ def test_generate_has_no_positions_and_checks_before_loading(no_model, capsys) -
     with pytest.raises(SystemExit):
         main(["generate", "w5", "--positions", "1"])
     assert "unrecognized arguments: --positions" in capsys.readouterr().err
+
+
+def test_generate_samples_when_asked(tiny_loaded, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "gen"
+    assert main(["generate", "w5 w17 w3", "--max-new-tokens", "3", "--no-stop-at-eos", "--sizes", "0.01", "0.1",
+                 "--temperature", "5", "--top-p", "0.95", "--sample-seed", "7", "--out", str(out)]) == 0
+    prof = DensityProfile.load(out / "profile.safetensors")
+    assert prof.config["generation"]["sampling"] == {"temperature": 5.0, "top_k": None, "top_p": 0.95, "seed": 7}
+    capsys.readouterr()
+    assert main(["generate", "w5", "--temperature", "-1"]) == 2
+    assert "temperature must be a positive number" in capsys.readouterr().err

@@ -313,3 +313,56 @@ def test_trace_generation_refuses_bad_settings_before_generating(gpt2_model, mon
     monkeypatch.setattr("tl_strace.profile.greedy_generate", no_generation)
     with pytest.raises(InputError, match=match):
         trace_generation(gpt2_model, TOKS[:4], **kwargs)
+
+
+def _generated(model, prompt, n, sampling):
+    from tl_strace.model import model_guard
+    from tl_strace.profile import greedy_generate
+
+    with model_guard(model):
+        return greedy_generate(model, describe_model(model), prompt, n, stop_at_eos=False, sampling=sampling)
+
+
+def test_sampling_is_seeded_and_restricted_as_asked(gpt2_model):
+    prompt = TOKS[:4]
+    greedy = _generated(gpt2_model, prompt, 6, None)
+    # top_k=1 and a vanishing top_p leave only the argmax: greedy decoding, exactly
+    assert torch.equal(_generated(gpt2_model, prompt, 6, ts.Sampling(top_k=1, seed=3)), greedy)
+    assert torch.equal(_generated(gpt2_model, prompt, 6, ts.Sampling(top_p=1e-9, seed=3)), greedy)
+    hot = ts.Sampling(temperature=50.0, seed=1)  # nearly uniform over the tiny vocabulary
+    a, b = _generated(gpt2_model, prompt, 6, hot), _generated(gpt2_model, prompt, 6, hot)
+    assert torch.equal(a, b) and not torch.equal(a, greedy)  # the seed fixes the draw; it is not the argmax
+    assert not torch.equal(a, _generated(gpt2_model, prompt, 6, dataclasses.replace(hot, seed=2)))
+    seq = _generated(gpt2_model, prompt, 8, ts.Sampling(temperature=50.0, top_k=3, seed=0))
+    with torch.no_grad():  # every drawn token is among its position's three most likely
+        for t in range(3, len(seq) - 1):
+            top3 = torch.topk(gpt2_model(seq[None, : t + 1])[0, -1], 3).indices.tolist()
+            assert int(seq[t + 1]) in top3
+
+
+def test_trace_generation_records_its_sampling(gpt2_model):
+    s = ts.Sampling(temperature=2.0, top_p=0.9, seed=4)
+    prof = ts.trace_generation(gpt2_model, TOKS[:4], 3, sizes=[1e-2, 0.1], conditions=("only",), stop_at_eos=False,
+                               sampling=s)
+    gen = prof.config["generation"]
+    assert gen["decoding"] == "sampling" and gen["sampling"] == dataclasses.asdict(s)
+    assert torch.equal(prof.tokens, _generated(gpt2_model, TOKS[:4], 3, s))
+    for t, r in zip(prof.positions, prof.results):  # the sampled token is each position's target
+        assert r.target == int(prof.tokens[t + 1])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=0.0), "temperature must be a positive number"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_k=0), "top_k must be a positive int"),
+    (dict(top_p=1.5), r"top_p must be a number in \(0, 1\]"),
+    (dict(seed=-1), "seed must be a non-negative int"),
+])
+def test_bad_sampling_settings_are_refused(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        inspect.unwrap(ts.Sampling)(**kwargs)
+
+
+def test_trace_generation_refuses_a_sampling_that_is_not_one(gpt2_model):
+    with pytest.raises(InputError, match="sampling must be a tl_strace.profile.Sampling"):
+        trace_generation(gpt2_model, TOKS[:4], 2, sampling={"temperature": 0.5})

@@ -46,6 +46,12 @@ MEAN_REFERENCE = 256
 DEFAULT_RECORD_SIZES = (1e-3, 1e-2, 0.1, 0.4)
 
 
+# The fields of an every-position run's "profile" (one list per field, one entry per position traced),
+# besides the recovery sizes: scalars, then each position's per-stratum TV curve.
+PROFILE_FIELDS = ("position", "n_tokens", "token_id", "target_id", "density", "density_linear", "full_entropy",
+                  "full_top_id", "full_top_prob", "full_ce", "full_target_rank", "seconds", "tv")
+
+
 _METRICS = ("tv", "kl", "nucleus", "entropy", "ce", "target_rank", "reaches_input")
 
 

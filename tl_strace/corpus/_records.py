@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from tl_strace.io.datasets import Passage, PassageSet
 from tl_strace.mean import compute_means
 from tl_strace.model import describe_model, model_dtype, prepare_tokens, weights_fingerprint
 from tl_strace.pipeline import strace
+from tl_strace.profile import for_each_position
 from tl_strace.results import ComponentResult
 
 
@@ -188,6 +190,35 @@ def _record(res: Any, p: Passage, index: int, record_sizes: Sequence[float], sec
     rec["components"] = comps
     rec["seconds"] = seconds
     return _jsonable(rec)
+
+
+def _trace_every_position(model: Any, p: Passage, kw: dict[str, Any]) -> tuple[Any, dict[str, list[Any]]]:
+    """Every position of a passage (``--every-position``): :func:`tl_strace.profile.for_each_position`
+    with the run's options, from one clean forward. Returns the last position's result (the
+    passage's own prediction, recorded as a plain run records it: the same call as
+    ``strace(model, text, target=...)``) and the profile, columnar: one list per field of
+    :data:`PROFILE_SCALARS`, the recovery sizes and ``tv`` (a list of per-stratum lists), one entry
+    per position (:data:`tl_strace.corpus._base.PROFILE_FIELDS`). Only scalars are kept per position, so memory holds one position's trace at a time."""
+    cols: dict[str, list[Any]] = {}
+    last: list[Any] = [None]
+    t_prev = [time.perf_counter()]
+
+    def each(t: int, res: Any) -> None:
+        now = time.perf_counter()
+        s = res.summary()
+        row = {"position": t, "n_tokens": s["n_tokens"], "token_id": int(res.tokens[-1]), "target_id": res.target,
+               "density": s["density"], "density_linear": s["density_linear"], "full_entropy": s["full_entropy"],
+               "full_top_id": int(res.full_top_ids[0]), "full_top_prob": float(res.full_top_probs[0]),
+               "full_ce": s["full_ce"], "full_target_rank": float(res.full_target_rank),
+               "seconds": now - t_prev[0], **{k: v for k, v in s.items() if k.startswith("recovery_")},
+               "tv": res.tv.tolist()}
+        t_prev[0] = now
+        for k, v in row.items():
+            cols.setdefault(k, []).append(v)
+        last[0] = res
+
+    for_each_position(model, p.text, each, target=p.target, **kw)
+    return last[0], cols
 
 
 class _MemoryCheck:

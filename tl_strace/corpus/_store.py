@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tl_strace.ablation import CONDITIONS
-from tl_strace.corpus._base import ABLATIONS, GRANULARITIES, _METRICS, _digest, _sealed
+from tl_strace.corpus._base import ABLATIONS, GRANULARITIES, PROFILE_FIELDS, _METRICS, _digest, _sealed
 from tl_strace.errors import InputError, ResultsError
 
 
@@ -142,6 +142,10 @@ def _check_meta(meta: Any, path: Path) -> dict[str, Any]:
     for name, chk in (("n_passages", _NAT), ("checksums", (lambda v: v == "sha256", "'sha256'"))):
         if name in meta:
             bad.check(meta, {name: chk})
+    if "positions" in meta["config"]:  # every-position runs only (absent: the last position of each passage)
+        bad.check(meta["config"], {"positions": (lambda v: v == "every", "'every'")}, "config.")
+        if meta["config"]["granularity"] != "token":
+            raise bad("field 'config.positions' is 'every', but every-position runs are token granularity only")
     bad.checksum(meta, required=False)
     return meta
 
@@ -167,6 +171,8 @@ class _Schema:
     n_passages: int | None = None
     """Passages in the data (an index must be below it), when run.json says."""
     checksums: bool = False
+    every_position: bool = False
+    """Every record of an ok passage carries a ``profile`` (``positions: "every"`` in run.json)."""
 
     @classmethod
     def of(cls, meta: dict[str, Any]) -> "_Schema":
@@ -175,7 +181,8 @@ class _Schema:
         if cfg.get("method") == "strace" and cfg.get("granularity") == "token" and sizes:
             k = len(sizes) + (0 if float(sizes[-1]) == 1.0 else 1)
         return cls(granularity=cfg["granularity"], conditions=tuple(cfg["conditions"]), n_strata=k,
-                   n_passages=meta.get("n_passages"), checksums=meta.get("checksums") == "sha256")
+                   n_passages=meta.get("n_passages"), checksums=meta.get("checksums") == "sha256",
+                   every_position=cfg.get("positions") == "every")
 
 
 _OK_FIELDS: dict[str, _Check] = {
@@ -223,8 +230,59 @@ def _check_record(rec: Any, schema: _Schema, bad: _Bad) -> dict[str, Any]:
         for name in curves:
             if len(rec[name]) != K:
                 raise bad(f"field {name!r} has {len(rec[name])} values, but the record has {K} strata")
+        if schema.every_position:
+            _check_profile(rec, K, bad)
+        elif "profile" in rec:
+            raise bad("field 'profile' is present, but the run does not record every position (run.json has no "
+                      "'positions': 'every')")
     bad.checksum(rec, required=schema.checksums)
     return rec
+
+
+_PROFILE_CHECKS: dict[str, _Check] = {
+    "position": _list_of(_NAT), "n_tokens": _list_of(_NAT), "token_id": _list_of(_NAT),
+    "target_id": _list_of(_OPT_INT), "density": _list_of(_NUM), "density_linear": _list_of(_NUM),
+    "full_entropy": _list_of(_NUM), "full_top_id": _list_of(_NAT), "full_top_prob": _list_of(_NUM),
+    "full_ce": _list_of(_OPT_NUM), "full_target_rank": _list_of(_OPT_NUM), "seconds": _list_of(_NUM),
+    "tv": _list_of((lambda v: isinstance(v, list) and all(_is_num(x) for x in v), "a list of numbers")),
+}
+assert set(_PROFILE_CHECKS) == set(PROFILE_FIELDS)
+
+
+def _check_profile(rec: dict[str, Any], K: int, bad: _Bad) -> None:
+    """An every-position record's ``profile``: every field of :data:`PROFILE_FIELDS` and the
+    record's recovery sizes, one entry per position, positions increasing and within the passage's
+    tokens, the last one the passage's own (the record's prediction), each TV curve ``K`` long."""
+    if not isinstance(rec.get("profile"), dict):
+        raise bad("field 'profile' is missing or not an object (every record of an every-position run has one)"
+                  if "profile" not in rec else f"field 'profile' is {_show(rec['profile'])}, expected an object")
+    prof = rec["profile"]
+    checks = {**_PROFILE_CHECKS, **{k: _list_of(_NUM) for k in rec if k.startswith("recovery_")}}
+    bad.check(prof, checks, "profile.")
+    extra = sorted(set(prof) - set(checks))
+    if extra:
+        raise bad(f"field 'profile.{extra[0]}' is not a field of a profile")
+    n = len(prof["position"])
+    if n == 0:
+        raise bad("field 'profile.position' is empty (at least the passage's last position is traced)")
+    for name in checks:
+        if len(prof[name]) != n:
+            raise bad(f"field 'profile.{name}' has {len(prof[name])} values, but the profile has {n} positions")
+    pos = prof["position"]
+    if any(b <= a for a, b in zip(pos, pos[1:])):
+        raise bad("field 'profile.position' is not increasing (each position once, in text order)")
+    if pos[-1] != rec["n_tokens"] - 1:
+        raise bad(f"field 'profile.position' ends at {pos[-1]}, but the passage's last position is "
+                  f"{rec['n_tokens'] - 1} (n_tokens {rec['n_tokens']})")
+    if prof["density"][-1] != rec["density"] or prof["full_top_id"][-1] != rec["full_top_id"]:
+        raise bad("the profile's last position (the passage's own prediction) differs from the record's density "
+                  "or top token")
+    if any(m != t + 1 for t, m in zip(pos, prof["n_tokens"])):
+        raise bad("field 'profile.n_tokens' does not match the positions (position t traces t + 1 tokens)")
+    short = next((i for i, c in enumerate(prof["tv"]) if len(c) != K), None)
+    if short is not None:
+        raise bad(f"field 'profile.tv' at position {pos[short]} has {len(prof['tv'][short])} values, but the "
+                  f"record has {K} strata")
 
 
 def _check_unigram(obj: Any, path: Path) -> dict[int, int]:

@@ -23,7 +23,10 @@ class CorpusRun:
 
     ``table`` has the scalar columns (``id``, ``density``, ``full_entropy``, ``recovery_1``, ...) and
     per-stratum list columns (``sizes``, ``tv``, ``nucleus``, ``share_attn``, ``top_ids``, ...);
-    ``skipped`` lists the passages and lines that could not be traced, with the reason.
+    ``skipped`` lists the passages and lines that could not be traced, with the reason. An
+    every-position run (``run_corpus(..., every_position=True)``) also has ``profile``: one row per
+    passage and position (``index``, ``id``, ``position``, ``density``, ``full_entropy``, ``tv``, ...),
+    the density along each passage; ``None`` for other runs.
     """
 
     path: Path
@@ -33,6 +36,7 @@ class CorpusRun:
     skipped: pd.DataFrame
     unigram: dict[int, int] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    profile: pd.DataFrame | None = None
 
     @property
     def name(self) -> str:
@@ -120,8 +124,13 @@ def load_run(path: str | os.PathLike[str]) -> CorpusRun:
     data_issues = []
     if issues_path.is_file():
         data_issues = [{**i, "index": None} for i in _read_issues(issues_path)]
+    profile = None
+    if schema.every_position:
+        parts = [pd.DataFrame({"index": r["index"], "id": r["id"], **r["profile"]}) for r in ok]
+        profile = (pd.concat(parts, ignore_index=True) if parts else
+                   pd.DataFrame(columns=["index", "id", "position", "density", "full_entropy", "tv"]))
     table = pd.DataFrame(ok).reset_index(drop=True)
-    table = table.drop(columns=[c for c in ("status", "sha256") if c in table])
+    table = table.drop(columns=[c for c in ("status", "sha256", "profile") if c in table])
     skipped_df = pd.DataFrame(data_issues + [{k: r.get(k) for k in ("index", "id", "line", "reason")} for r in skipped],
                               columns=["index", "id", "line", "reason"])
     unigram: dict[int, int] = {}
@@ -131,4 +140,4 @@ def load_run(path: str | os.PathLike[str]) -> CorpusRun:
     for n in notes:
         warnings.warn(f"{path}: {n}", stacklevel=2)
     return CorpusRun(path=path, config=meta.get("config", {}), versions=meta.get("versions", {}), table=table,
-                     skipped=skipped_df, unigram=unigram, notes=tuple(notes))
+                     skipped=skipped_df, unigram=unigram, notes=tuple(notes), profile=profile)

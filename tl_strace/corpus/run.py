@@ -29,6 +29,7 @@ from tl_strace.corpus._base import (
     SHARD_GLOB,
     UNIGRAM_FILE,
     _atomic_write,
+    _jsonable,
     _sealed,
     _shard_name,
     _versions,
@@ -43,6 +44,7 @@ from tl_strace.corpus._records import (
     _model_diff,
     _model_identity,
     _record,
+    _trace_every_position,
 )
 from tl_strace.corpus._store import (
     _FIX_SHARD,
@@ -137,6 +139,7 @@ def run_corpus(
     prepend_bos: bool | None = None,
     batch_size: int | None = None,
     memory_budget: int | str | None = None,
+    every_position: bool = False,
     progress: bool = True,
 ) -> RunSummary:
     """Trace every passage of ``data`` with ``model`` and record the results in ``out``, resumably.
@@ -158,6 +161,12 @@ def run_corpus(
             applied), to reproduce its numbers; the run is labelled so in every table and plot.
         ablate_attention: the older spelling: ``False`` is ``attention="never-ablated"``.
         record_sizes: sizes at which each trace's heads and MLPs are recorded.
+        every_position: also trace the prediction after every token of each passage (not just its
+            last), from one clean forward per passage (:func:`tl_strace.profile.for_each_position`),
+            exactly as :func:`tl_strace.density_profile` does; each record gets a ``profile`` (density,
+            recovery sizes, full-model entropy and top token, TV curve per position), read back as
+            :attr:`CorpusRun.profile`. The passage's own record (its last position) is unchanged.
+            Token granularity only; a run directory is one or the other (it is in its configuration).
         progress: show a tqdm bar (passages/s, ETA) on rank 0.
 
     Returns:
@@ -206,6 +215,11 @@ def run_corpus(
     sizes_l = None if o.sizes is None else list(o.sizes)
     limit = options.check_int("limit", limit, minimum=0, optional=True)
     progress = options.check_bool("progress", progress)
+    every_position = options.check_bool("every_position", every_position)
+    if every_position and granularity != "token":
+        raise InputError("every_position traces each position's edges (token granularity); component "
+                         "granularity traces the passage's last position only. Drop --every-position or use "
+                         "--granularity token.")
     rec_sizes = [] if record_sizes is None else list(options.check_fractions("record_sizes", record_sizes,
                                                                              example="[1e-3, 0.01, 0.1, 0.4]"))
     if method == "strace" and sizes_l is None and granularity == "token":
@@ -230,6 +244,8 @@ def run_corpus(
         "conditions": list(conds), "seed": int(seed), "top_k": int(top_k), "prepend_bos": prepend_bos,
         "record_sizes": rec_sizes, "record_version": RECORD_VERSION,
     }
+    if every_position:  # only when set: directories from before the option compare equal (absent = None)
+        config["positions"] = "every"
     if ablation == "mean":
         config["mean_reference"] = f"the first {MEAN_REFERENCE} passages of the data that fit the model's context"
 
@@ -354,8 +370,13 @@ def run_corpus(
                         t1 = time.perf_counter()
                         try:
                             kw = fits(p.text, trace_kw)  # before any work: can the call fit in memory?
-                            res = tracer(model, p.text, target=p.target, **kw)
+                            if every_position:
+                                res, prof = _trace_every_position(model, p, kw)
+                            else:
+                                res = tracer(model, p.text, target=p.target, **kw)
                             rec = _record(res, p, i, rec_sizes, time.perf_counter() - t1)
+                            if every_position:
+                                rec["profile"] = _jsonable(prof)
                         except (InputError, DecompositionError) as e:  # this passage cannot be traced: say so
                             issue = DataIssue(p.line, str(e), p.id)
                             skipped.append(issue)

@@ -151,7 +151,22 @@ _PROFILE_JS = """
       el.addEventListener("mouseout", hide);
       el.addEventListener("blur", hide);
       el.addEventListener("click", function () { open(el); });
-      el.addEventListener("keydown", function (e) { if (e.key === "Enter") open(el); });
+      // Keys on a focused token are ours: Enter / Space open it, the arrow keys, Home and End move
+      // to another token (its tooltip follows the focus). Cancelled and stopped here, so that a
+      // notebook's shortcuts (JupyterLab: Enter edits the cell, arrows change cells) do not act too.
+      el.addEventListener("keydown", function (e) {
+        if (e.altKey || e.ctrlKey || e.metaKey) return;
+        var k = +el.getAttribute("data-k"), to = null;
+        if (e.key === "Enter" || e.key === " ") open(el);
+        else if (e.key === "ArrowRight" || e.key === "ArrowDown") to = toks[Math.min(k + 1, toks.length - 1)];
+        else if (e.key === "ArrowLeft" || e.key === "ArrowUp") to = toks[Math.max(k - 1, 0)];
+        else if (e.key === "Home") to = toks[0];
+        else if (e.key === "End") to = toks[toks.length - 1];
+        else return;
+        e.preventDefault();
+        e.stopPropagation();
+        if (to && to !== el) to.focus();
+      });
     })(toks[i]);
   }
   root.setAttribute("data-tls-ready", "1");
@@ -187,8 +202,9 @@ def interactive_html(prof: DensityProfile, *, circuits: bool = False) -> str:
                         for k in range(len(prof.positions)))
     return (f'<div class="tls-profile" id="{esc(vid)}"><style>{_PROFILE_CSS}</style>'
             f'<div class="tls-pt"><b>Density along the text</b> (white {lo:.3f} to blue {hi:.3f})</div>'
-            '<div class="tls-note">Hover a token for its position\'s TV curve and the full model\'s top tokens; click '
-            f'it to open its trace below.</div><div class="tls-prof-text">{"".join(spans)}</div>'
+            '<div class="tls-note">Hover a token (or focus it: Tab, then the arrow keys) for its position\'s TV curve '
+            'and the full model\'s top tokens; click it (or press Enter) to open its trace below.</div>'
+            f'<div class="tls-prof-text">{"".join(spans)}</div>'
             '<div class="tls-prof-tip" hidden></div><div class="tls-prof-detail"></div>'
             f'<script type="application/json" class="tls-prof-data">{payload}</script>{templates}'
             f"<script>{_PROFILE_JS % {'vid': script_json(vid)}}</script></div>")
