@@ -195,3 +195,26 @@ def test_hooked_backend_is_refused_by_name_for_non_llama_bundled_models(tmp_path
     with pytest.raises(ModelLoadError, match=expected):
         load_model("gemma-3-270m", backend="hooked", cache_dir=tmp_path)
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("progress, shown", [(False, False), (True, True)])
+def test_the_conversion_bar_follows_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture, progress: bool, shown: bool) -> None:
+    """transformers' GGUF conversion bar (its own tqdm, which its progress switch does not reach) is
+    drawn only with progress: the corpus runner's --quiet passes progress=False. The conversion is
+    a stand-in that draws the bar as transformers does, then stops."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    orig = gguf_utils.tqdm
+
+    def convert(*args: Any, **kwargs: Any) -> None:
+        for _ in gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+        raise ModelLoadError("stand-in conversion: stop here")
+
+    _register(monkeypatch, tmp_path, [b"GGUF"])
+    monkeypatch.setattr(bundled, "_convert", convert)
+    with pytest.raises(ModelLoadError, match="stand-in"):
+        load_model("fake-model", cache_dir=tmp_path / "cache", progress=progress)
+    assert ("Converting and de-quantizing" in capsys.readouterr().err) is shown
+    assert gguf_utils.tqdm is orig  # restored

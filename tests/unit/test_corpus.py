@@ -417,3 +417,22 @@ def test_smollm2_on_shipped_passages(tmp_path: Path) -> None:
     shares = run.curves("share_attn") + run.curves("share_mlp") + run.curves("share_residual")
     assert np.allclose(shares[np.isfinite(shares)], 1.0)
     assert run.config["model"]["n_layers"] == 30 and len(run.unigram) > 1000
+
+
+def test_cross_model_heat_map_keeps_its_axes_with_long_run_names() -> None:
+    """Six runs named as reports name them: before the fix the rotated labels left the axes no room
+    ("constrained_layout not applied because axes sizes collapsed to zero") and the map was blank."""
+    import warnings
+
+    from tl_strace.analysis.plots import plot_cross_model
+
+    names = [f"qwen2.5-coder-0.5b, {w} words, attention never ablated (reference pipeline) #{i}"
+             for i, w in enumerate((10, 20, 40, 10, 20, 40))]
+    rng = np.random.default_rng(0)
+    m = pd.DataFrame(np.clip(rng.normal(0.3, 0.3, (6, 6)), -1, 1), index=names, columns=names)
+    fig = plot_cross_model(m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the collapse is reported as a UserWarning at draw time
+        fig.canvas.draw()
+    box = fig.axes[0].get_position()
+    assert box.width > 0.2 and box.height > 0.2, box  # the heat map keeps a real share of the figure

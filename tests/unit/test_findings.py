@@ -169,3 +169,21 @@ def test_findings_file_with_stray_markers_is_refused_untouched(runs, tmp_path: P
     assert main(["report", str(f.path), "--out", str(rep), "--findings", str(doc)]) == 2
     assert words in capsys.readouterr().err and not list(tmp_path.glob("rep*"))
     assert doc.read_text() == text
+
+
+def test_two_checkpoints_under_one_name_are_two_models(runs) -> None:
+    """Findings key runs by their weights, as the report's grouping does: two checkpoints that share
+    a model name (a fine-tune saved under its base's config) are two rows and a pair, labelled apart.
+    (Keyed by name, the second silently replaced the first.)"""
+    f, _ = runs
+    d = f.table["density"].to_numpy()
+    a = _as(f, "same-name", density=d)
+    b = dataclasses.replace(a, config={**a.config, "model": {**a.config["model"], "weights_fingerprint": "f" * 16}},
+                            table=a.table.assign(density=-d))
+    df = findings_table([a, b])
+    two = df[df["finding"].str.startswith("2.")]
+    assert sorted(two["model"]) == ["same-name (weights ffffffff)", "same-name (weights same-nam)"]
+    four = _row(df, "4.")
+    assert "over 1 pairs" in four["numbers"] and four["verdict"] == "not reproduced" or four["verdict"] == "mixed"
+    assert "-1" in four["numbers"]  # the pair is there: opposite densities
+    assert sorted(phases_table([a, b])["model"]) == sorted(two["model"])

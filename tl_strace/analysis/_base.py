@@ -49,20 +49,36 @@ def _labels(runs: Sequence[CorpusRun]) -> list[str]:
     return [f"{n} [{r.path.name}]" if names.count(n) > 1 else n for n, r in zip(names, runs)]
 
 
+def weights_key(r: CorpusRun) -> str:
+    """The identity of a run's model weights (run.json: ``weights_fingerprint``; before 0.3
+    ``weights_sha256``): two checkpoints of one architecture, even under one name, differ here."""
+    m = r.config.get("model", {})
+    ident = m.get("weights_fingerprint") or m.get("weights_sha256")
+    if ident is None:
+        raise InputError(f"{r.path}: run.json names no weights fingerprint, so its model cannot be told from "
+                         "another's; rerun it with this version of tl_strace.")
+    return str(ident)
+
+
+def model_labels(runs: Sequence[CorpusRun]) -> dict[str, str]:
+    """A label per weights key (:func:`weights_key`): the model's name, with the start of its
+    fingerprint added where two different weights share a name (so neither hides the other)."""
+    names: dict[str, str] = {}
+    for r in runs:
+        names.setdefault(weights_key(r), r.model_name)
+    count: dict[str, int] = {}
+    for n in names.values():
+        count[n] = count.get(n, 0) + 1
+    return {k: (n if count[n] == 1 else f"{n} (weights {k[:8]})") for k, n in names.items()}
+
+
 def group_runs(runs: Sequence[CorpusRun]) -> dict[str, Any]:
     """Which runs go together in a report: by model weights, context length and attention ablation.
 
     Returns ``{"faithful": [...], "attention_pairs": [(faithful, kept)], "context_groups": [[...]],
     "cross_model": {mode: [...]}}``: for each attention mode, one run per model (its longest context).
     """
-    def key(r: CorpusRun) -> str:  # the weights' identity (run.json: weights_fingerprint; before 0.3 weights_sha256)
-        m = r.config.get("model", {})
-        ident = m.get("weights_fingerprint") or m.get("weights_sha256")
-        if ident is None:
-            raise InputError(f"{r.path}: run.json names no weights fingerprint, so its model cannot be told from "
-                             "another's; rerun it with this version of tl_strace.")
-        return str(ident)
-
+    key = weights_key
     faithful = [r for r in runs if r.attention == "faithful"]
     kept = [r for r in runs if r.attention != "faithful"]
     pairs = []

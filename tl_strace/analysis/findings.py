@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tl_strace.analysis._base import BOUNDARY, MINIMAL_CORE, RunLike, _runs
+from tl_strace.analysis._base import BOUNDARY, MINIMAL_CORE, RunLike, _runs, model_labels, weights_key
 from tl_strace.analysis.tables import (
     _grid_sizes,
     _nearest,
@@ -117,10 +117,11 @@ def _main_runs(runs: Sequence[CorpusRun]) -> list[CorpusRun]:
     for r in runs:
         if r.config.get("granularity", "token") != "token" or not len(r.table):
             continue
-        k = (r.model_name, r.attention)
+        k = (weights_key(r), r.attention)  # by weights, not name: two checkpoints never hide each other
         if k not in best or (r.context_words or 0) > (best[k].context_words or 0):
             best[k] = r
-    return [best[k] for k in sorted(best)]
+    labels = model_labels(list(best.values()))
+    return sorted(best.values(), key=lambda r: (labels[weights_key(r)], r.attention))
 
 
 def phases_table(runs: RunLike | Sequence[RunLike]) -> pd.DataFrame:
@@ -128,9 +129,11 @@ def phases_table(runs: RunLike | Sequence[RunLike]) -> pd.DataFrame:
     nucleus return, mean TV at 1e-3 / 1e-2 / 0.1, and the mean attention and first-half-of-blocks
     shares of the trace's edges at 1e-3 and 0.4."""
     rows = []
-    for r in _runs(runs):
+    rs = _runs(runs)
+    labels = model_labels(rs)
+    for r in rs:
         t = r.table
-        row: dict[str, Any] = {"model": r.model_name, "attention": r.attention, "context_words": r.context_words,
+        row: dict[str, Any] = {"model": labels[weights_key(r)], "attention": r.attention, "context_words": r.context_words,
                                "n": len(t)}
         for lvl, name in ((1, "top token"), (40, "40%"), (80, "80%")):
             row[f"median s: {name}"] = float(t[f"recovery_{lvl}"].astype(float).median())
@@ -203,7 +206,8 @@ def _finding4(runs: Sequence[CorpusRun], mode: str) -> dict[str, Any] | None:
     if len(runs) < 2:
         return None
     m = cross_model_density(runs)
-    names = [r.model_name for r in runs]
+    labels = model_labels(runs)
+    names = [labels[weights_key(r)] for r in runs]
     pairs = []
     for i, j in combinations(range(len(runs)), 2):
         pairs.append((names[i], names[j], float(m.iat[i, j]), float(m.attrs["p"].iat[i, j]),
@@ -228,8 +232,9 @@ def findings_table(runs: RunLike | Sequence[RunLike]) -> pd.DataFrame:
     if not main:
         raise InputError("No token-level run with traced passages among the runs given.")
     rows: list[dict[str, Any]] = []
+    labels = model_labels(rs)
     for r in main:
-        base = {"model": r.model_name, "attention": r.attention}
+        base = {"model": labels[weights_key(r)], "attention": r.attention}
         for f in (_finding1, _finding2, _finding3, _paper_a_frequency):
             row = f(r)
             if row is not None:
@@ -241,7 +246,7 @@ def findings_table(runs: RunLike | Sequence[RunLike]) -> pd.DataFrame:
     by: dict[tuple[str, str], dict[int, CorpusRun]] = {}
     for r in rs:
         if r.context_words is not None and len(r.table) and r.config.get("granularity", "token") == "token":
-            by.setdefault((r.model_name, r.attention), {}).setdefault(r.context_words, r)
+            by.setdefault((labels[weights_key(r)], r.attention), {}).setdefault(r.context_words, r)
     for (model, mode), g in sorted(by.items()):
         if len(g) > 1:
             rows.append({"model": model, "attention": mode, **_paper_a_context([g[k] for k in sorted(g)])})

@@ -113,11 +113,20 @@ def plot_entropy_density(run: RunLike):
 
 def plot_cross_model(matrix: pd.DataFrame):
     """Heat map of a :func:`cross_model_density` matrix."""
-    fig, ax = _figure(5.5, 4.5)
+    import textwrap
+
+    # Run names ("qwen2.5-coder-0.5b, 20 words, attention never ablated ...") wrapped, and the figure
+    # sized by the matrix and its longest label line, so the axes never collapse to nothing.
+    def label(c: Any) -> str:
+        return "\n".join(textwrap.wrap(_safe(c), 26)) or " "
+
+    xl, yl = [label(c) for c in matrix.columns], [label(c) for c in matrix.index]
+    longest = max((len(line) for lab in xl + yl for line in lab.split("\n")), default=1)
+    n = len(matrix)
+    fig, ax = _figure(max(5.5, 2.0 + 0.7 * n + 0.08 * longest), max(4.5, 1.5 + 0.6 * n + 0.06 * longest))
     im = ax.imshow(matrix.to_numpy(), vmin=-1, vmax=1, cmap="RdBu_r")
-    ax.set_xticks(range(len(matrix)), [_safe(c) for c in matrix.columns], rotation=45, ha="right",
-                  fontsize="small")
-    ax.set_yticks(range(len(matrix)), [_safe(c) for c in matrix.index], fontsize="small")
+    ax.set_xticks(range(n), xl, rotation=45, ha="right", fontsize="small")
+    ax.set_yticks(range(n), yl, fontsize="small")
     for i in range(len(matrix)):
         for j in range(len(matrix)):
             ax.text(j, i, f"{matrix.iat[i, j]:.2f}", ha="center", va="center", fontsize="small")

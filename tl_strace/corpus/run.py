@@ -287,7 +287,7 @@ def run_corpus(
                 device = None
                 if torch.cuda.is_available():
                     device = f"cuda:{dist.local_rank % torch.cuda.device_count()}"
-                model = load_model(model_name, device=device)
+                model = load_model(model_name, device=device, progress=None if progress else False)
             config["model"] = _model_identity(model, model_name)
             if dist.rank == 0:
                 if stored is not None:

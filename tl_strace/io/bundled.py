@@ -40,6 +40,7 @@ Cache layout (root: see :func:`tl_strace.io.models.default_cache_root`)::
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -47,6 +48,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
@@ -122,8 +124,9 @@ def cache_is_valid(model_dir: Path, spec: BundledModel) -> bool:
     return (model_dir / "config.json").is_file() and any(model_dir.glob("*.safetensors"))
 
 
-def ensure_cache(spec: BundledModel, root: Path) -> Path:
-    """Return the converted model directory for ``spec``, converting it first if needed.
+def ensure_cache(spec: BundledModel, root: Path, *, progress: bool = True) -> Path:
+    """Return the converted model directory for ``spec``, converting it first if needed
+    (transformers' conversion bar shown only with ``progress``).
 
     Raises:
         ModelLoadError: a part or the GGUF reader is not installed (with the pip command), the
@@ -145,10 +148,30 @@ def ensure_cache(spec: BundledModel, root: Path) -> Path:
         start = time.perf_counter()
         target.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_tmp(target.parent, target.name)
-        with _assembled_gguf(spec, target.parent) as gguf:
+        with _assembled_gguf(spec, target.parent) as gguf, _gguf_bar(progress):
             _convert(spec, gguf, target)
         logger.info("Converted %s into %s in %.1f s", spec.key, target, time.perf_counter() - start)
     return target
+
+
+@contextlib.contextmanager
+def _gguf_bar(show: bool) -> Iterator[None]:
+    """transformers draws its GGUF conversion bar with its own ``tqdm``, which its progress-bar
+    switch does not reach: without ``show`` the bar is disabled for the conversion (the module's
+    ``tqdm`` replaced, and restored after; the conversion holds the cache lock)."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # no transformers or no GGUF support: _convert says so
+        gguf_utils = None
+    orig = getattr(gguf_utils, "tqdm", None)
+    if show or orig is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(orig, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = orig
 
 
 def _remove_stale_tmp(parent: Path, key: str) -> None:

@@ -51,6 +51,7 @@ from tl_strace.io._hub import (  # noqa: F401  (_HUB_PROBE_TIMEOUT_S, _TRUTHY, _
     _offline_hint,
 )
 from tl_strace.io.registry import list_bundled_models
+from tl_strace.progress import check_progress
 
 __all__ = [
     "BACKENDS",
@@ -113,6 +114,7 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool | None = None,
 ) -> Any:
     """Load a causal language model as a TransformerLens model, in eval mode.
 
@@ -140,6 +142,9 @@ def load_model(
         device: Where the model goes; ``None`` lets TransformerLens choose (CUDA when available).
         dtype: Parameter dtype of the returned model.
         cache_dir: Cache root for bundled models; ``None`` means :func:`default_cache_root`.
+        progress: the bar of a bundled model's first-load conversion (1-5 minutes): ``None``
+            (default) where someone watches (:func:`tl_strace.progress.watching`), ``False`` never
+            (the corpus runner's ``--quiet``), ``True`` always.
 
     Returns:
         The model, in eval mode, on ``device`` and in ``dtype``.
@@ -160,6 +165,7 @@ def load_model(
             f"choose one of {list(BACKENDS)}."
         )
     name = str(name_or_path).strip()
+    show = check_progress(progress)
 
     spec = bundled.bundled_spec(name)
     path = Path(name).expanduser()
@@ -172,7 +178,7 @@ def load_model(
     with quiet_loading():
         if spec is not None:
             return _load_bundled(
-                spec, backend=backend_key, device=device, dtype=dtype, cache_dir=cache_dir
+                spec, backend=backend_key, device=device, dtype=dtype, cache_dir=cache_dir, progress=show
             )
         if path.is_dir():
             return _load_local_dir(path, backend=backend_key, device=device, dtype=dtype)
@@ -307,6 +313,7 @@ def _load_bundled(
     device: str | torch.device | None,
     dtype: torch.dtype,
     cache_dir: str | os.PathLike[str] | None,
+    progress: bool = True,
 ) -> Any:
     """Load a bundled model: make sure its converted cache exists, then boot it from disk."""
     if backend == "hooked":
@@ -316,7 +323,7 @@ def _load_bundled(
                 f"backend='hooked' builds only {bundled.SMOLLM2.key!r} among the bundled models "
                 f"(a hand-built Llama config); load {spec.key!r} with backend='bridge'."
             )
-    model_dir = bundled.ensure_cache(spec, _cache_root(cache_dir))
+    model_dir = bundled.ensure_cache(spec, _cache_root(cache_dir), progress=progress)
     start = time.perf_counter()
     if backend == "hooked":
         model = _build_hooked_llama(model_dir, device=device, dtype=dtype)
