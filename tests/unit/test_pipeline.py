@@ -164,3 +164,38 @@ def test_cli_reports_errors_as_one_line(capsys):
     assert main(["trace", "--model", "/nonexistent/dir/for/sure", "hello"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tl-strace: error:") and "no such directory" in err
+
+
+def test_strata_of_equal_count_share_one_masked_row(gpt2_model, monkeypatch):
+    """Stratum k is labels <= k with counts[k] edges, so on a short input the tiny sizes repeat a
+    count and the subgraph: one row is evaluated for them and its metrics copied. The copies must
+    equal what evaluating every row gives (checked against masked_logprobs of all K rows)."""
+    from tl_strace import engine
+    from tl_strace.ablation import MaskRow, masked_logprobs
+    from tl_strace.metrics import total_variation
+    from tl_strace.model import describe_model, model_guard
+
+    evaluated = []
+    orig = engine.masked_forwards
+
+    def counting(model, spec, tokens, masks, **kw):
+        evaluated.append(masks.n_rows)
+        yield from orig(model, spec, tokens, masks, **kw)
+
+    monkeypatch.setattr("tl_strace.engine.masked_forwards", counting)
+    tokens = torch.tensor([0, 5, 17])
+    res = ts.strace(gpt2_model, tokens, conditions=("only", "random", "inverse"))
+    K = len(res.sizes)
+    c = res.counts.tolist()
+    dup = [k for k in range(1, K) if c[k] == c[k - 1]]
+    assert dup, c  # the test needs repeated counts (3 tokens, paper B's 27 sizes)
+    assert evaluated == [3 * (K - len(dup))]  # one row per distinct stratum and condition
+    for k in dup:
+        assert torch.equal(res.tv_all[:, k], res.tv_all[:, k - 1]) and torch.equal(res.top_ids[:, k], res.top_ids[:, k - 1])
+    spec = describe_model(gpt2_model)
+    with model_guard(gpt2_model):
+        logp = torch.cat(list(masked_logprobs(gpt2_model, spec, tokens, res.layout, [res.labels],
+                                              [MaskRow(0, k) for k in range(K)], chunk=K)))
+    clean = torch.log_softmax(gpt2_model(tokens[None])[0, -1].float(), -1)
+    # TV is a probability mass (<= 1); float32 rounding of another batch composition is ~1e-7
+    torch.testing.assert_close(res.tv_all[0], total_variation(clean, logp).float(), atol=1e-5, rtol=0)
