@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.unit.test_corpus import SIZES, save_tiny_model, word_passages
+from tests.unit.test_corpus import SIZES, model_dir, word_passages  # noqa: F401  (model_dir: the tiny Llama fixture)
 from tl_strace import density_profile
 from tl_strace.corpus import load_run, run_corpus
 from tl_strace.corpus._base import _sealed
@@ -21,11 +21,6 @@ from tl_strace.io.datasets import write_passages
 from tl_strace.io.models import load_model
 
 N = 4
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama_pos"))
 
 
 @pytest.fixture(scope="module")
