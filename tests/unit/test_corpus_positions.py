@@ -170,3 +170,24 @@ def test_for_each_position_refuses_bad_arguments_before_work(model_dir: str) -> 
     assert seen == []
     timings = for_each_position(model, "w3 w4 w5", lambda t, r: seen.append(t), sizes=SIZES, progress=False)
     assert seen == list(range(1, len(model.to_tokens("w3 w4 w5")[0]))) and timings["total"] > 0
+
+
+def test_density_along_the_text_in_tables_and_the_report(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    from tl_strace.analysis import density_along_text, plot_density_along_text, write_report
+
+    every, plain = load_run(runs[0]), load_run(runs[1])
+    da = density_along_text(every)
+    prof = every.profile
+    assert int(da["n"].sum()) == len(prof) and da.attrs["n"] == len(prof) and da.attrs["passages"] == N
+    assert np.isfinite(da.attrs["step"]) and -1 <= da.attrs["rho"] <= 1
+    # the mean of the bins, weighted by n, is the mean over every position
+    assert np.isclose((da["mean_density"] * da["n"]).sum() / da["n"].sum(), prof["density"].mean())
+    # the step is taken within passages only: recompute it by hand
+    steps = [abs(b - a) for _, g in prof.groupby("index") for a, b in zip(g["density"], g["density"].iloc[1:])]
+    assert np.isclose(da.attrs["step"], np.mean(steps))
+    with pytest.raises(InputError, match="every_position=True"):
+        density_along_text(plain)
+    assert plot_density_along_text(every).axes
+    pages = write_report([every, plain], tmp_path / "report", formats=["md"])
+    text = Path(pages[0]).read_text()
+    assert text.count("Density along the text (every position)") == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from tl_strace.ablation import attention_label
@@ -186,6 +187,23 @@ def plot_density_vs_context(runs: Sequence[RunLike]):
     ax.boxplot([r.table["density"].astype(float).dropna() for r in rs],
                tick_labels=[f"{r.context_words} words" for r in rs])
     ax.set_ylabel("density")
+    return fig
+
+
+def plot_density_along_text(run: RunLike):
+    """Density against the prediction's context length, over every position of every passage
+    (an every-position run): the mean with its inter-quartile band, per context length."""
+    r = _run(run)
+    if r.profile is None:
+        raise InputError(f"{r.path} is not an every-position run (tl-strace run --every-position).")
+    g = r.profile.groupby("n_tokens")["density"]
+    x = np.asarray(g.mean().index, dtype=float)
+    fig, ax = _figure()
+    ax.plot(x, g.mean().to_numpy(), marker=".", label="mean")
+    ax.fill_between(x, g.quantile(0.25).to_numpy(), g.quantile(0.75).to_numpy(), alpha=0.2, label="IQR")
+    ax.set_xlabel("tokens of context (the prefix the prediction sees)")
+    ax.set_ylabel("density")
+    ax.legend(fontsize="small")
     return fig
 
 

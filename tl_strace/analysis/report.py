@@ -18,6 +18,7 @@ from tl_strace.analysis.findings import phases_table
 from tl_strace.analysis.plots import (
     plot_attention_ablation,
     plot_cross_model,
+    plot_density_along_text,
     plot_density_distribution,
     plot_density_vs_context,
     plot_edge_shares,
@@ -32,6 +33,7 @@ from tl_strace.analysis.tables import (
     attention_ablation_comparison,
     component_frequency,
     cross_model_density,
+    density_along_text,
     density_distribution,
     density_vs_context,
     density_vs_frequency,
@@ -262,6 +264,18 @@ def build_report(runs: Sequence[RunLike], *, title: str = "tl_strace corpus repo
         dv = density_vs_frequency(r)
         doc.table(dv, f"Paper A: density by frequency bin of the predicted token (Spearman rho "
                   f"{dv.attrs['rho']:.3f}, p = {dv.attrs['p']:.2g}, n = {dv.attrs['n']})")
+
+    for r, lab in zip(traced, _labels(traced)):
+        if r.profile is None or not len(r.profile):
+            continue
+        doc.h(f"Density along the text (every position) — {lab}")
+        da = density_along_text(r)
+        a = da.attrs
+        doc.table(da, f"Every position of {a['passages']} passages ({a['n']} predictions), by the tokens of context "
+                  f"each sees: Spearman rho(context tokens, density) = {a['rho']:.3f} (p = {a['p']:.2g}); "
+                  f"rho(full-model entropy, density) = {a['rho_entropy']:.3f} (p = {a['p_entropy']:.2g}); mean "
+                  f"change of density from one position to the next: {a['step']:.3f}")
+        doc.figure(plot_density_along_text(r), f"along-{_slug(lab)}", "Density against context length, every position")
 
     for g in groups["context_groups"]:
         doc.h("Paper A: density and context length")

@@ -293,6 +293,45 @@ def density_vs_context(runs: Sequence[RunLike]) -> pd.DataFrame:
     return df
 
 
+def density_along_text(run: RunLike, *, bins: int = 8) -> pd.DataFrame:
+    """Density at every position of the passages, for a run that recorded them
+    (``run_corpus(..., every_position=True)``; :attr:`CorpusRun.profile`): per bin of context
+    length (the tokens the prediction sees), n, mean, median and quartiles of density and the mean
+    full-model entropy. ``df.attrs``: Spearman rho (p, n) of context tokens against density over
+    every position (paper A: longer contexts are sparser, here within one text); of full-model
+    entropy against density over every position (finding 2 at the token level); and ``step``, the
+    mean absolute change of density from one position to the next within a passage (how dynamic
+    the computation is along a text)."""
+    r = _run(run)
+    prof = r.profile
+    if prof is None:
+        raise InputError(f"{r.path} recorded the last position of each passage only; density along the text "
+                         "needs a run made with every_position=True (tl-strace run --every-position).")
+    d = prof["density"].astype(float)
+    ctx = prof["n_tokens"].astype(int)
+    if not len(prof):
+        raise InputError(f"{r.path} has no traced passage yet.")
+    edges = np.unique(np.linspace(ctx.min(), ctx.max() + 1, max(int(bins), 1) + 1).round().astype(int))
+    which = np.clip(np.searchsorted(edges, ctx.to_numpy(), side="right") - 1, 0, len(edges) - 2)
+    rows = []
+    for b in range(len(edges) - 1):
+        sel = which == b
+        if not sel.any():
+            continue
+        db = d[sel]
+        rows.append({"context_tokens": f"{edges[b]}-{edges[b + 1] - 1}", "n": int(sel.sum()), "mean_density": db.mean(),
+                     "median_density": db.median(), "q25": db.quantile(0.25), "q75": db.quantile(0.75),
+                     "mean_entropy": prof.loc[sel, "full_entropy"].astype(float).mean()})
+    df = pd.DataFrame(rows)
+    rho, p, n = spearman(ctx, d)
+    rho_e, p_e, n_e = spearman(prof["full_entropy"].astype(float), d)
+    same = prof["index"].to_numpy()[1:] == prof["index"].to_numpy()[:-1]
+    steps = np.abs(np.diff(d.to_numpy()))[same]
+    df.attrs.update(rho=rho, p=p, n=n, rho_entropy=rho_e, p_entropy=p_e, n_entropy=n_e,
+                    step=float(steps.mean()) if steps.size else float("nan"), passages=int(prof["index"].nunique()))
+    return df
+
+
 def attention_ablation_comparison(faithful: RunLike, kept: RunLike,
                                   sizes: Sequence[float] = (1e-3, 1e-2, 0.1, 0.4)) -> pd.DataFrame:
     """The faithful run beside the same run with attention edges never ablated, over the passages
