@@ -7,6 +7,7 @@ what apt-get download needs); the R data are read here with zlib + a ~40-line XD
 
     python scripts/build_passages.py                # writes tl_strace/data/austen-*.jsonl
     python scripts/build_passages.py --deb path/to/r-cran-janeaustenr_1.0.0-1_all.deb
+    python scripts/build_passages.py --words 400 --out /tmp/long   # one set of longer passages (not shipped)
 
 Passages follow paper B's setup (40 words of running text, the next word as target) with
 :func:`tl_strace.io.datasets.passages_from_words`: non-overlapping windows within a chapter, drawn
@@ -148,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--per-book", type=int, default=350, help="passages drawn from each novel")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--words", type=int, default=None,
+                   help="write one set, austen-N.jsonl, of N-word passages (long inputs: 400 words are ~512 "
+                        "SmolLM2 tokens) instead of the shipped 40/20/10 sets and SOURCE.json")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         deb = args.deb or fetch_deb(Path(tmp))
@@ -158,10 +162,17 @@ def main(argv: list[str] | None = None) -> int:
         deb_sha = hashlib.sha256(Path(deb).read_bytes()).hexdigest()
         deb_name = Path(deb).name
     drawn = []
+    n_words = args.words or 40
     for obj, prefix in BOOKS.items():
-        drawn += passages_from_words(chapters(books[obj]), n_words=40, n=args.per_book, seed=args.seed,
+        drawn += passages_from_words(chapters(books[obj]), n_words=n_words, n=args.per_book, seed=args.seed,
                                      id_prefix=prefix)
     random.Random(args.seed).shuffle(drawn)  # any prefix (--limit N) is a sample of all six novels
+    if args.words:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"austen-{args.words}.jsonl"
+        write_passages(drawn, path)
+        print(f"{path}: {len(drawn)} passages of {args.words} words from {deb_name}, {path.stat().st_size / 1e3:.0f} kB")
+        return 0
     sets = {n: [p.with_context(n) for p in drawn] for n in (40, 20, 10)}
     args.out.mkdir(parents=True, exist_ok=True)
     for n, ps in sets.items():
