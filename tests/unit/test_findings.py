@@ -187,3 +187,22 @@ def test_two_checkpoints_under_one_name_are_two_models(runs) -> None:
     assert "over 1 pairs" in four["numbers"] and four["verdict"] == "not reproduced" or four["verdict"] == "mixed"
     assert "-1" in four["numbers"]  # the pair is there: opposite densities
     assert sorted(phases_table([a, b])["model"]) == sorted(two["model"])
+
+
+def test_too_few_passages_give_no_verdict(runs) -> None:
+    """A run that has just started (fewer than MIN_N passages) gets no verdict, and a pair of models
+    sharing fewer passages is left out of finding 4 by name (it once made the mean "n/a")."""
+    from tl_strace.analysis.findings import MIN_N
+
+    f, _ = runs
+    d = f.table["density"].to_numpy()
+    a, b = _as(f, "a", density=d), _as(f, "b", density=d + 0.1)
+    short = dataclasses.replace(_as(f, "c"), table=_as(f, "c").table.iloc[:3].reset_index(drop=True))
+    df = findings_table([a, b, short])
+    assert MIN_N > 3 and set(df[df["model"] == "c"]["verdict"]) == {"too few passages"}
+    assert set(df[df["model"] == "a"]["verdict"]) != {"too few passages"}
+    four = _row(df, "4.")
+    assert "over 1 pairs" in four["numbers"] and four["verdict"] == "reproduced"
+    assert "left out, fewer than 10 shared passages: a ~ c (n 3); b ~ c (n 3)" in four["numbers"]
+    alone = _row(findings_table([short, dataclasses.replace(short, config=b.config)]), "4.")
+    assert alone["verdict"] == "too few passages" and "no pair of models shares 10" in alone["numbers"]

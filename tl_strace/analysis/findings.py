@@ -1,7 +1,8 @@
 """The papers' four findings (METHOD.md, "Findings the papers report"), judged on corpus runs by fixed rules.
 
 :func:`findings_table` turns runs into one row per (finding, model, attention mode) with a verdict —
-``reproduced``, ``not reproduced``, ``contradicted`` (the opposite, significantly) or ``mixed`` —
+``reproduced``, ``not reproduced``, ``contradicted`` (the opposite, significantly), ``mixed`` or
+``too few passages`` —
 and the numbers behind it in plain words; :func:`findings_markdown` renders it as the generated
 block of ``docs/findings.md`` (``tl-strace report DIRS --findings docs/findings.md``).
 
@@ -26,6 +27,10 @@ log scale (the default sizes hold 1e-3, 1e-2, 0.1 and 0.4 exactly).
    table is the smallest pair's passage count): every pair rho > 0 with
    p < ALPHA reproduced, none not reproduced, some mixed; the mean rho beside paper B's 0.515
    (range 0.263–0.711 over 45 pairs of 7–14B models).
+
+**Too few passages.** A row with fewer than :data:`MIN_N` passages (a run that has just started)
+gets the verdict ``too few passages``, its numbers still shown; a pair of models with fewer shared
+passages is left out of finding 4's verdict and mean, and named.
 
 Paper A's two further claims are judged the same way: rarer predicted tokens need more density
 (Spearman rho(log10 frequency of the full model's top token, density) < 0, p < ALPHA) and longer
@@ -56,11 +61,15 @@ from tl_strace.analysis.tables import (
 from tl_strace.corpus import CorpusRun
 from tl_strace.errors import InputError
 
-__all__ = ["ALPHA", "PAPER_B_CROSS_MODEL", "check_findings_file", "findings_markdown", "findings_table", "phases_table",
+__all__ = ["ALPHA", "MIN_N", "PAPER_B_CROSS_MODEL", "check_findings_file", "findings_markdown", "findings_table", "phases_table",
            "update_findings_file"]
 
 ALPHA = 0.05
 """The significance level of every verdict."""
+
+MIN_N = 10
+"""Fewer passages than this give no verdict (``too few passages``): a rank correlation over a handful
+of passages says nothing either way."""
 
 PAPER_B_CROSS_MODEL = {"mean": 0.515, "min": 0.263, "max": 0.711, "pairs": 45}
 """Paper B's per-input density correlation across its 10 models (Spearman, 5,000 WikiText passages)."""
@@ -208,10 +217,16 @@ def _finding4(runs: Sequence[CorpusRun], mode: str) -> dict[str, Any] | None:
     m = cross_model_density(runs)
     labels = model_labels(runs)
     names = [labels[weights_key(r)] for r in runs]
-    pairs = []
+    pairs, few = [], []
     for i, j in combinations(range(len(runs)), 2):
-        pairs.append((names[i], names[j], float(m.iat[i, j]), float(m.attrs["p"].iat[i, j]),
-                      int(m.attrs["n"].iat[i, j])))
+        pair = (names[i], names[j], float(m.iat[i, j]), float(m.attrs["p"].iat[i, j]), int(m.attrs["n"].iat[i, j]))
+        (pairs if pair[-1] >= MIN_N else few).append(pair)
+    left_out = "; ".join(f"{_cell(a)} ~ {_cell(c)} (n {n})" for a, c, *_, n in few)
+    if not pairs:
+        return {"finding": "4. density correlates across models", "model": "every pair", "attention": mode,
+                "verdict": "too few passages",
+                "numbers": f"no pair of models shares {MIN_N} traced passages yet: {left_out}",
+                "n": max((n for *_, n in few), default=0)}
     sig = [bool(rho > 0 and p < ALPHA) for *_, rho, p, _ in pairs]
     mean = float(np.mean([rho for *_, rho, _, _ in pairs]))
     b = PAPER_B_CROSS_MODEL
@@ -221,7 +236,8 @@ def _finding4(runs: Sequence[CorpusRun], mode: str) -> dict[str, Any] | None:
     return {"finding": "4. density correlates across models", "model": "every pair", "attention": mode,
             "verdict": _all_some(sig),
             "numbers": f"mean Spearman rho {_g(mean)} over {len(pairs)} pairs, {where} paper B's range "
-                       f"{b['min']}–{b['max']} (mean {b['mean']}); {each}",
+                       f"{b['min']}–{b['max']} (mean {b['mean']}); {each}"
+                       + (f"; left out, fewer than {MIN_N} shared passages: {left_out}" if few else ""),
             "n": min(n for *_, n in pairs)}
 
 
@@ -255,6 +271,8 @@ def findings_table(runs: RunLike | Sequence[RunLike]) -> pd.DataFrame:
                                          "4. density correlates across models", "A. rarer predictions are denser",
                                          "A. longer contexts are sparser"])}
     df = pd.DataFrame(rows, columns=_COLUMNS)
+    few = (df["n"] < MIN_N) & ~df["finding"].str.startswith("4.")
+    df.loc[few, "verdict"] = "too few passages"
     df["_o"] = df["finding"].map(order)
     return df.sort_values(["_o", "attention", "model"], kind="stable").drop(columns="_o").reset_index(drop=True)
 
