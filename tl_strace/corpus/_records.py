@@ -197,8 +197,9 @@ def _trace_every_position(model: Any, p: Passage, kw: dict[str, Any]) -> tuple[A
     with the run's options, from one clean forward. Returns the last position's result (the
     passage's own prediction, recorded as a plain run records it: the same call as
     ``strace(model, text, target=...)``) and the profile, columnar: one list per field of
-    :data:`PROFILE_SCALARS`, the recovery sizes and ``tv`` (a list of per-stratum lists), one entry
-    per position (:data:`tl_strace.corpus._base.PROFILE_FIELDS`). Only scalars are kept per position, so memory holds one position's trace at a time."""
+    :data:`tl_strace.corpus._base.PROFILE_FIELDS` (``tv``: a list of per-stratum lists) and per
+    recovery size, one entry per position. Only these are kept per position, so memory holds one
+    position's trace at a time."""
     cols: dict[str, list[Any]] = {}
     last: list[Any] = [None]
     t_prev = [time.perf_counter()]
