@@ -13,8 +13,8 @@ weights), then measures, each in a fresh state:
 * ``random``: :func:`tl_strace.search.random_strata` with those counts — its order is computed only
   where a count cuts a run of tied bottlenecks (``strace_order`` §5), large runs with tensors;
 * ``random, whole order`` (up to ``--reference-max`` tokens): the same strata from the whole random
-  order replayed as before issue 17 (every tied run by a Python heap), side by side, and a check
-  that both give the same labels.
+  order (every tied run replayed, none skipped), side by side, and a check that both give the same
+  labels. ``bench_search_vs.py`` compares two revisions of the search on the same graphs.
 
 Peak memory is the kernel's peak resident set above the one before the call (``_util.peak_memory``,
 glibc's mmap threshold pinned so freed tensors leave the resident set), per edge slot
@@ -61,7 +61,8 @@ def timed(fn):  # noqa: ANN001, ANN201
 
 
 def whole_order_random(graph: Graph, counts: list[int]):  # noqa: ANN201
-    """The random strata as computed before issue 17: the whole order, every tied run by the heap."""
+    """The random strata from the whole random order (every tied run replayed by the compiled heap,
+    none skipped), as computed before issue 17's cuts: the check that skipping runs changes nothing."""
     old = strace_mod._TENSOR_RUN
     strace_mod._TENSOR_RUN = 1 << 62
     try:

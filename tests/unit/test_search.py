@@ -94,12 +94,16 @@ def test_random_strata_are_seeded_connected_and_same_size():
         assert _connected_to_output(graph.layout, a.mask(k))
 
 
-@pytest.mark.parametrize("block", [1, 2, 7])
-def test_tie_replay_in_small_blocks_equals_plain_heap(block, monkeypatch):
-    """Tied runs are turned into Python lists a block at a time; block boundaries change nothing."""
+@pytest.mark.parametrize("limit", [2, 3, 7])
+def test_compiled_replay_between_tensor_ordered_runs_equals_plain_heap(limit, monkeypatch):
+    """Runs up to ``limit`` members go to one compiled call per stretch, larger ones to the tensor
+    cascade in between; the two share where each node was reached (strace §3), so the interleaving
+    must change nothing."""
+    import tl_strace.search._cascade as cascade
     import tl_strace.search.strace as strace
 
-    monkeypatch.setattr(strace, "_REPLAY_BLOCK", block)
+    monkeypatch.setattr(strace, "_TENSOR_RUN", limit)
+    monkeypatch.setattr(cascade, "SMALL", 2)
     for seed in range(8):
         graph = random_graph(2, 3, 5, seed, levels=[3, 1][seed % 2])
         assert strace_order(graph).tolist() == reference_strace_order(graph).tolist()
@@ -257,3 +261,19 @@ def test_random_strata_equal_those_of_the_whole_order():
     whole = _strata_from_order("random", graph, random_order(graph, seed=3), DEFAULT_SIZES, counts, DEFAULT_SIZES)
     assert torch.equal(fast.labels, whole.labels)
     assert fast.counts.tolist() == counts
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_stable_argsort_equals_torch_stable_sort(seed):
+    """The packed-key sort of float32 bottlenecks (strace §4) is torch's stable sort exactly: ties
+    by index, -0.0 equal to +0.0, infinities and negatives in IEEE order; other dtypes fall back."""
+    from tl_strace.search.strace import stable_argsort
+
+    g = torch.Generator().manual_seed(seed)
+    n = 4000
+    pool = torch.tensor([0.0, -0.0, 1.0, -1.0, float("inf"), -float("inf"), 1e-30, -1e-30, 3.5, -2.0])
+    scale = 10.0 ** torch.randint(-5, 5, (n,), generator=g).float()
+    x = torch.where(torch.rand(n, generator=g) < 0.5, pool[torch.randint(0, len(pool), (n,), generator=g)],
+                    torch.randn(n, generator=g) * scale)
+    assert torch.equal(stable_argsort(x), torch.sort(x, stable=True).indices)
+    assert torch.equal(stable_argsort(x.double()), torch.sort(x.double(), stable=True).indices)

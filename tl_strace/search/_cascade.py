@@ -41,9 +41,12 @@ import heapq
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+
+from tl_strace.search._replay import heap_order
 
 SMALL = 2048
 """Sub-problems with at most this many members are ordered by the plain heap (:func:`_heap`)."""
@@ -113,44 +116,15 @@ def _mark(st: _State, members: Tensor, base: int) -> None:
 def _heap(st: _State, idx: Tensor, base: int) -> Tensor:
     """The plain heap on the sub-problem ``idx``: members whose target is reached are in the frontier
     (key: that node's reach position), the others wait for their target. Members never released
-    are not popped. Exact by definition (``strace`` §3's key)."""
+    are not popped. Exact by definition (``strace`` §3's key); compiled
+    (:func:`tl_strace.search._replay.heap_order`), updating ``st.reached``/``st.reach_pos`` in place."""
     n = idx.numel()
     if n == 0:
         return idx
-    src, tgt = st.src[idx].tolist(), st.tgt[idx].tolist()
-    weight, canon = st.weight[idx].tolist(), st.canon[idx].tolist()
-    avail = st.reached[st.tgt[idx]].tolist()
-    key = st.reach_pos[st.tgt[idx]].tolist()
-    nodes = torch.unique(st.src[idx])
-    reached = set(nodes[st.reached[nodes]].tolist())
-    heap: list[tuple[float, int, int, int]] = []
-    waiting: dict[int, list[tuple[float, int, int]]] = {}
-    for i in range(n):
-        if avail[i]:
-            heap.append((-weight[i], key[i], canon[i], i))
-        else:
-            waiting.setdefault(tgt[i], []).append((-weight[i], canon[i], i))
-    heapq.heapify(heap)
-    out: list[int] = []
-    new_nodes: list[int] = []
-    new_pos: list[int] = []
-    pos = base
-    while heap:
-        i = heapq.heappop(heap)[3]
-        out.append(i)
-        s = src[i]
-        if s not in reached:
-            reached.add(s)
-            new_nodes.append(s)
-            new_pos.append(pos)
-            for negw, c, k in waiting.pop(s, ()):
-                heapq.heappush(heap, (negw, pos, c, k))
-        pos += 1
-    if new_nodes:
-        nn = torch.tensor(new_nodes, dtype=torch.long)
-        st.reached[nn] = True
-        st.reach_pos[nn] = torch.tensor(new_pos, dtype=torch.long)
-    return idx[torch.tensor(out, dtype=torch.long)]
+    out = np.empty(n, dtype=np.int64)
+    k = heap_order(st.src[idx].numpy(), st.tgt[idx].numpy(), st.weight[idx].double().numpy(), st.canon[idx].numpy(),
+                   st.reached.numpy(), st.reach_pos.numpy(), base, out)
+    return idx[torch.from_numpy(out[:k])]
 
 
 def _bottlenecks(st: _State, idx: Tensor) -> tuple[Tensor, Tensor]:

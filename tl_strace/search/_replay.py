@@ -1,0 +1,234 @@
+"""The tie replay of :mod:`tl_strace.search.strace` (its §2, §3) as compiled loops (issue 17).
+
+Inside a run of equal bottleneck the order is a heap's: a Python heap costs microseconds per
+edge and converts every tied edge to Python objects; on real graphs the tied edges come in
+hundreds of thousands of short runs (483,089 runs holding 1.2 M edges on SmolLM2 at 300 tokens), so
+the per-run Python overhead dominated the search. Here one call replays every run in a range, over
+NumPy arrays, with a binary heap of four parallel key arrays, compiled by **numba** (the one loop
+in tl_strace that cannot be written as tensor operations: each pop may change what the next pop
+is). Why numba and not hand-written C: no compiler at install time, no build step, wheels for every
+platform PyTorch has, and the loop stays readable Python that the plain-heap reference checks.
+
+The kernels do exactly what the Python heaps they replace did, key for key:
+
+* :func:`replay_runs` — ``strace`` §2: the members of run ``r`` whose target has ``B > λ`` are in the
+  frontier from the start, keyed ``(-weight, reach position of the target, canonical column,
+  member)``; the others wait for their target, which a pop inside the run reaches;
+* :func:`heap_order` — :func:`tl_strace.search._cascade._heap`'s sub-problems: a member is available
+  when its target is reached; a pop whose source is not reached reaches it.
+
+``reach`` (one int64 per graph node, :data:`UNSET` where no pop inside a tied run reached it yet) is
+updated in place: later runs read where earlier ones reached their nodes (§3).
+"""
+
+from __future__ import annotations
+
+from typing import no_type_check
+
+import numpy as np
+from numba import njit
+
+UNSET = -2
+"""``reach[v]`` for a node no tied run has reached (the output node's in-edges use -1)."""
+
+
+@njit(cache=True, nogil=True, inline="always")
+@no_type_check  # compiled: the test suite\'s jaxtyping import hook must leave it alone
+def _before(h0: np.ndarray, h1: np.ndarray, h2: np.ndarray, h3: np.ndarray, i: int, j: int) -> bool:
+    """Whether heap slot ``i``'s key is smaller than slot ``j``'s (lexicographic on the 4 parts)."""
+    if h0[i] != h0[j]:
+        return h0[i] < h0[j]
+    if h1[i] != h1[j]:
+        return h1[i] < h1[j]
+    if h2[i] != h2[j]:
+        return h2[i] < h2[j]
+    return h3[i] < h3[j]
+
+
+@njit(cache=True, nogil=True)
+@no_type_check  # compiled: the test suite\'s jaxtyping import hook must leave it alone
+def _swap(h0: np.ndarray, h1: np.ndarray, h2: np.ndarray, h3: np.ndarray, i: int, j: int) -> None:
+    h0[i], h0[j] = h0[j], h0[i]
+    h1[i], h1[j] = h1[j], h1[i]
+    h2[i], h2[j] = h2[j], h2[i]
+    h3[i], h3[j] = h3[j], h3[i]
+
+
+@njit(cache=True, nogil=True)
+@no_type_check  # compiled: the test suite\'s jaxtyping import hook must leave it alone
+def _push(h0: np.ndarray, h1: np.ndarray, h2: np.ndarray, h3: np.ndarray, n: int,
+          k0: float, k1: int, k2: int, k3: int) -> int:
+    """Push key ``(k0, k1, k2, k3)`` onto the heap of ``n`` entries; returns the new size."""
+    h0[n], h1[n], h2[n], h3[n] = k0, k1, k2, k3
+    i = n
+    while i > 0:
+        p = (i - 1) >> 1
+        if _before(h0, h1, h2, h3, i, p):
+            _swap(h0, h1, h2, h3, i, p)
+            i = p
+        else:
+            break
+    return n + 1
+
+
+@njit(cache=True, nogil=True)
+@no_type_check  # compiled: the test suite\'s jaxtyping import hook must leave it alone
+def _pop(h0: np.ndarray, h1: np.ndarray, h2: np.ndarray, h3: np.ndarray, n: int) -> int:
+    """Remove the smallest key of the heap of ``n`` entries; returns its last part (the member)."""
+    top = h3[0]
+    n -= 1
+    h0[0], h1[0], h2[0], h3[0] = h0[n], h1[n], h2[n], h3[n]
+    i = 0
+    while True:
+        a = 2 * i + 1
+        if a >= n:
+            break
+        b = a + 1
+        c = b if b < n and _before(h0, h1, h2, h3, b, a) else a
+        if _before(h0, h1, h2, h3, c, i):
+            _swap(h0, h1, h2, h3, c, i)
+            i = c
+        else:
+            break
+    return top
+
+
+@njit(cache=True, nogil=True)
+@no_type_check  # compiled: the test suite\'s jaxtyping import hook must leave it alone
+def replay_runs(r_lo: int, r_hi: int, run_start: np.ndarray, run_size: np.ndarray, run_offset: np.ndarray,
+                lam: np.ndarray, edge: np.ndarray, src: np.ndarray, tgt: np.ndarray, first: np.ndarray,
+                weight: np.ndarray, canon: np.ndarray, node_B: np.ndarray, reach: np.ndarray, output: int,
+                out: np.ndarray) -> int:
+    """Replay runs ``r_lo … r_hi - 1`` (``strace`` §2, §3): ``out[m]`` for the run's members ``m``
+    (numbered from ``run_offset[r]``) receives the edges in pop order. Member arrays are indexed by
+    member number. Returns -1, or the first run whose pops did not take all its members (which
+    would mean the bottleneck argument is violated)."""
+    biggest = 0
+    for r in range(r_lo, r_hi):
+        biggest = max(biggest, run_size[r])
+    h0 = np.empty(biggest, np.float64)
+    h1 = np.empty(biggest, np.int64)
+    h2 = np.empty(biggest, np.int64)
+    h3 = np.empty(biggest, np.int64)
+    w_tgt = np.empty(biggest, np.int64)
+    w_mem = np.empty(biggest, np.int64)
+    for r in range(r_lo, r_hi):
+        o, n, lm = run_offset[r], run_size[r], lam[r]
+        hn = 0
+        nw = 0
+        for i in range(o, o + n):
+            t = tgt[i]
+            if node_B[t] > lm:  # target reached before the run: in the frontier from the start
+                if t == output:
+                    key = -1
+                elif reach[t] != UNSET:
+                    key = reach[t]
+                else:
+                    key = first[i]
+                hn = _push(h0, h1, h2, h3, hn, -weight[i], key, canon[i], i)
+            else:  # B(target) == lam: waits until a pop of this run reaches its target
+                w_tgt[nw] = t
+                w_mem[nw] = i
+                nw += 1
+        by_tgt = np.argsort(w_tgt[:nw], kind="mergesort")
+        wt = w_tgt[:nw][by_tgt]
+        wm = w_mem[:nw][by_tgt]
+        pos = run_start[r]
+        k = o
+        while hn > 0:
+            i = _pop(h0, h1, h2, h3, hn)
+            hn -= 1
+            out[k] = edge[i]
+            k += 1
+            s = src[i]
+            if node_B[s] == lm and reach[s] == UNSET:  # the pop at `pos` reaches s
+                reach[s] = pos
+                j = np.searchsorted(wt, s)
+                while j < nw and wt[j] == s:
+                    m = wm[j]
+                    hn = _push(h0, h1, h2, h3, hn, -weight[m], pos, canon[m], m)
+                    j += 1
+            pos += 1
+        if k != o + n:
+            return r
+    return -1
+
+
+@njit(cache=True, nogil=True)
+@no_type_check  # compiled: the test suite\'s jaxtyping import hook must leave it alone
+def heap_order(src: np.ndarray, tgt: np.ndarray, weight: np.ndarray, canon: np.ndarray, reached: np.ndarray,
+               reach_pos: np.ndarray, base: int, out: np.ndarray) -> int:
+    """The plain heap on one sub-problem (:func:`tl_strace.search._cascade._heap`): member ``i`` is
+    available when ``reached[tgt[i]]`` (key ``(-weight, reach_pos[tgt], canon, i)``), else it waits
+    for a pop whose source is its target. Writes the popped members to ``out`` and marks the nodes
+    they reach in ``reached``/``reach_pos`` (pop positions from ``base``); returns how many were
+    popped (members never released are not)."""
+    n = src.shape[0]
+    h0 = np.empty(n, np.float64)
+    h1 = np.empty(n, np.int64)
+    h2 = np.empty(n, np.int64)
+    h3 = np.empty(n, np.int64)
+    w_tgt = np.empty(n, np.int64)
+    w_mem = np.empty(n, np.int64)
+    hn = 0
+    nw = 0
+    for i in range(n):
+        t = tgt[i]
+        if reached[t]:
+            hn = _push(h0, h1, h2, h3, hn, -weight[i], reach_pos[t], canon[i], i)
+        else:
+            w_tgt[nw] = t
+            w_mem[nw] = i
+            nw += 1
+    by_tgt = np.argsort(w_tgt[:nw], kind="mergesort")
+    wt = w_tgt[:nw][by_tgt]
+    wm = w_mem[:nw][by_tgt]
+    pos = base
+    k = 0
+    while hn > 0:
+        i = _pop(h0, h1, h2, h3, hn)
+        hn -= 1
+        out[k] = i
+        k += 1
+        s = src[i]
+        if not reached[s]:
+            reached[s] = True
+            reach_pos[s] = pos
+            j = np.searchsorted(wt, s)
+            while j < nw and wt[j] == s:
+                m = wm[j]
+                hn = _push(h0, h1, h2, h3, hn, -weight[m], pos, canon[m], m)
+                j += 1
+        pos += 1
+    return k
+
+
+@njit(cache=True, nogil=True)
+@no_type_check  # compiled: the test suite's jaxtyping import hook must leave it alone
+def distinct_within_runs(offset: np.ndarray, size: np.ndarray, weight: np.ndarray) -> bool:
+    """Whether no two members of one run weigh the same (members numbered run after run from
+    ``offset[r]``, ``size[r]`` each): ``strace`` §5's condition for skipping the runs no cut falls in."""
+    for r in range(offset.shape[0]):
+        o, n = offset[r], size[r]
+        if n == 2:
+            if weight[o] == weight[o + 1]:
+                return False
+            continue
+        w = np.sort(weight[o:o + n])
+        for i in range(1, n):
+            if w[i] == w[i - 1]:
+                return False
+    return True
+
+
+@njit(cache=True, nogil=True)
+@no_type_check  # compiled: the test suite's jaxtyping import hook must leave it alone
+def pack_sort_keys(bits: np.ndarray, out: np.ndarray) -> None:
+    """``out[i] = order_key(bits[i]) << 32 | i`` for float32 values given as their int32 ``bits``
+    (``-0.0`` already made ``+0.0``): the unsigned key orders as IEEE floats do (non-negative
+    values as their bits, negative ones reversed, all below the non-negative ones)."""
+    for i in range(bits.shape[0]):
+        b = np.int64(bits[i])
+        if b < 0:
+            b ^= 0x7FFFFFFF
+        out[i] = np.uint64(b + 2147483648) << np.uint64(32) | np.uint64(i)
