@@ -32,7 +32,7 @@ UNSET = -2
 """``reach[v]`` for a node no tied run has reached (the output node's in-edges use -1)."""
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 @no_type_check  # compiled: the test suite\'s jaxtyping import hook must leave it alone
 def _before(h0: np.ndarray, h1: np.ndarray, h2: np.ndarray, h3: np.ndarray, i: int, j: int) -> bool:
     """Whether heap slot ``i``'s key is smaller than slot ``j``'s (lexicographic on the 4 parts)."""
@@ -110,12 +110,11 @@ def replay_runs(r_lo: int, r_hi: int, run_start: np.ndarray, run_size: np.ndarra
     h1 = np.empty(biggest, np.int64)
     h2 = np.empty(biggest, np.int64)
     h3 = np.empty(biggest, np.int64)
-    w_tgt = np.empty(biggest, np.int64)
-    w_mem = np.empty(biggest, np.int64)
+    head = np.full(node_B.shape[0], -1, np.int64)  # node -> a waiting member (its list, through nxt)
+    nxt = np.empty(biggest, np.int64)
     for r in range(r_lo, r_hi):
         o, n, lm = run_offset[r], run_size[r], lam[r]
         hn = 0
-        nw = 0
         for i in range(o, o + n):
             t = tgt[i]
             if node_B[t] > lm:  # target reached before the run: in the frontier from the start
@@ -127,12 +126,8 @@ def replay_runs(r_lo: int, r_hi: int, run_start: np.ndarray, run_size: np.ndarra
                     key = first[i]
                 hn = _push(h0, h1, h2, h3, hn, -weight[i], key, canon[i], i)
             else:  # B(target) == lam: waits until a pop of this run reaches its target
-                w_tgt[nw] = t
-                w_mem[nw] = i
-                nw += 1
-        by_tgt = np.argsort(w_tgt[:nw], kind="mergesort")
-        wt = w_tgt[:nw][by_tgt]
-        wm = w_mem[:nw][by_tgt]
+                nxt[i - o] = head[t]
+                head[t] = i
         pos = run_start[r]
         k = o
         while hn > 0:
@@ -143,11 +138,11 @@ def replay_runs(r_lo: int, r_hi: int, run_start: np.ndarray, run_size: np.ndarra
             s = src[i]
             if node_B[s] == lm and reach[s] == UNSET:  # the pop at `pos` reaches s
                 reach[s] = pos
-                j = np.searchsorted(wt, s)
-                while j < nw and wt[j] == s:
-                    m = wm[j]
+                m = head[s]
+                head[s] = -1
+                while m != -1:
                     hn = _push(h0, h1, h2, h3, hn, -weight[m], pos, canon[m], m)
-                    j += 1
+                    m = nxt[m - o]
             pos += 1
         if k != o + n:
             return r
@@ -168,21 +163,16 @@ def heap_order(src: np.ndarray, tgt: np.ndarray, weight: np.ndarray, canon: np.n
     h1 = np.empty(n, np.int64)
     h2 = np.empty(n, np.int64)
     h3 = np.empty(n, np.int64)
-    w_tgt = np.empty(n, np.int64)
-    w_mem = np.empty(n, np.int64)
+    head = np.full(reached.shape[0], -1, np.int64)  # node -> a waiting member (its list, through nxt)
+    nxt = np.empty(n, np.int64)
     hn = 0
-    nw = 0
     for i in range(n):
         t = tgt[i]
         if reached[t]:
             hn = _push(h0, h1, h2, h3, hn, -weight[i], reach_pos[t], canon[i], i)
         else:
-            w_tgt[nw] = t
-            w_mem[nw] = i
-            nw += 1
-    by_tgt = np.argsort(w_tgt[:nw], kind="mergesort")
-    wt = w_tgt[:nw][by_tgt]
-    wm = w_mem[:nw][by_tgt]
+            nxt[i] = head[t]
+            head[t] = i
     pos = base
     k = 0
     while hn > 0:
@@ -194,11 +184,10 @@ def heap_order(src: np.ndarray, tgt: np.ndarray, weight: np.ndarray, canon: np.n
         if not reached[s]:
             reached[s] = True
             reach_pos[s] = pos
-            j = np.searchsorted(wt, s)
-            while j < nw and wt[j] == s:
-                m = wm[j]
+            m = head[s]
+            while m != -1:
                 hn = _push(h0, h1, h2, h3, hn, -weight[m], pos, canon[m], m)
-                j += 1
+                m = nxt[m]
         pos += 1
     return k
 
@@ -208,16 +197,32 @@ def heap_order(src: np.ndarray, tgt: np.ndarray, weight: np.ndarray, canon: np.n
 def distinct_within_runs(offset: np.ndarray, size: np.ndarray, weight: np.ndarray) -> bool:
     """Whether no two members of one run weigh the same (members numbered run after run from
     ``offset[r]``, ``size[r]`` each): ``strace`` §5's condition for skipping the runs no cut falls in."""
+    biggest = 0
+    for r in range(offset.shape[0]):
+        biggest = max(biggest, size[r])
+    h0 = np.empty(biggest, np.float64)
+    h1 = np.zeros(biggest, np.int64)
+    h2 = np.zeros(biggest, np.int64)
+    h3 = np.empty(biggest, np.int64)
     for r in range(offset.shape[0]):
         o, n = offset[r], size[r]
-        if n == 2:
-            if weight[o] == weight[o + 1]:
-                return False
+        if n <= 8:  # most runs: compare every pair
+            for i in range(o, o + n):
+                for j in range(i + 1, o + n):
+                    if weight[i] == weight[j]:
+                        return False
             continue
-        w = np.sort(weight[o:o + n])
-        for i in range(1, n):
-            if w[i] == w[i - 1]:
+        hn = 0  # larger runs: heap-sort the weights, then compare neighbours
+        for i in range(o, o + n):
+            hn = _push(h0, h1, h2, h3, hn, weight[i], 0, 0, i)
+        prev = _pop(h0, h1, h2, h3, hn)
+        hn -= 1
+        while hn > 0:
+            i = _pop(h0, h1, h2, h3, hn)
+            hn -= 1
+            if weight[i] == weight[prev]:
                 return False
+            prev = i
     return True
 
 
