@@ -206,3 +206,42 @@ def test_too_few_passages_give_no_verdict(runs) -> None:
     assert "left out, fewer than 10 shared passages: a ~ c (n 3); b ~ c (n 3)" in four["numbers"]
     alone = _row(findings_table([short, dataclasses.replace(short, config=b.config)]), "4.")
     assert alone["verdict"] == "too few passages" and "no pair of models shares 10" in alone["numbers"]
+
+
+def test_interpolated_curves_resample_every_passage_on_the_papers_grid(runs) -> None:
+    """METHOD.md §6: each passage's curve on np.logspace(-5, 0, 150), linear in log10 s, then
+    averaged; computed here independently from the recorded sizes and TVs."""
+    from tl_strace.analysis import interpolated_curves
+
+    f, _ = runs
+    got = interpolated_curves(f)
+    grid = np.logspace(-5, 0, 150)
+    per = np.stack([np.interp(np.log10(grid), np.log10(np.asarray(s, float)), np.asarray(v, float))
+                    for s, v in zip(f.table["sizes"], f.table["tv"])])
+    assert np.array_equal(got["size"].to_numpy(), grid)
+    # float64 means of at most 16 values in [0, 1]: rounding far below 1e-12
+    np.testing.assert_allclose(got["mean"], per.mean(0), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got["std"], per.std(0, ddof=1), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got["q25"], np.percentile(per, 25, 0), rtol=0, atol=1e-12)
+    assert (got["n"] == len(f.table)).all()
+    # below the smallest recorded size the curve holds its first value (np.interp), not an extrapolation
+    first = min(float(np.min(s)) for s in f.table["sizes"])
+    assert np.allclose(got["mean"][grid < first], per[:, 0].mean())
+
+
+def test_report_overlays_one_line_per_model_in_each_attention_mode(runs, tmp_path: Path) -> None:
+    """The report's overlay compares models (one line each, within one attention mode, labelled),
+    and every model also gets its own figure of its runs."""
+    from tl_strace.analysis import build_report, plot_interpolated_curves
+
+    f, n = runs
+    models = [f, n, _as(f, "other"), _as(n, "other")]
+    names = {name for _, name, _ in (b for kind, b in build_report(models).blocks if kind == "fig")}
+    assert {"tv-grid-faithful", "tv-grid-never-ablated"} <= names
+    assert sum(name.startswith("tv-grid-") for name in names) == 4  # two overlays, two per-model figures
+    fig = plot_interpolated_curves([f, _as(f, "other")])
+    labels = [line.get_label() for line in fig.axes[0].lines if not line.get_label().startswith("_")]
+    assert len(labels) == 2 and any("other" in lab for lab in labels)
+    never = plot_interpolated_curves([n, _as(n, "other")])
+    assert all("never ablated" in line.get_label() for line in never.axes[0].lines
+               if not line.get_label().startswith("_"))

@@ -214,8 +214,18 @@ def build_report(runs: Sequence[RunLike], *, title: str = "tl_strace corpus repo
                "TV to the full model against s (mean and inter-quartile band); dashed: s = 1e-2 "
                "(construction / refinement), dotted: s = 1e-3 (minimal core)")
 
-    doc.figure(plot_interpolated_curves(traced), "tv-grid", "TV against s on paper B's grid (np.logspace(-5, 0, "
-               "150), each passage interpolated in log10 s), mean and IQR per run: the overlay")
+    # The overlay a reader of paper B compares first: one line per model, within one attention mode
+    # (each model's longest context, as finding 4 pairs them); without several models, every run.
+    overlays = {mode: of_mode for mode, of_mode in groups["cross_model"].items() if len(of_mode) > 1}
+    for mode, of_mode in overlays.items():
+        label = attention_label(mode)
+        doc.figure(plot_interpolated_curves(of_mode), f"tv-grid-{_slug(mode)}",
+                   "TV against s on paper B's grid (np.logspace(-5, 0, 150), each passage interpolated in log10 s), "
+                   f"mean and IQR, one line per model ({'attention ablated faithfully' if not label else label}; "
+                   "each model's longest context): the overlay")
+    if not overlays:
+        doc.figure(plot_interpolated_curves(traced), "tv-grid", "TV against s on paper B's grid (np.logspace(-5, 0, "
+                   "150), each passage interpolated in log10 s), mean and IQR per run: the overlay")
     tokens = [r for r in traced if r.config.get("granularity", "token") == "token"]
     per_model: dict[str, list[Any]] = {}
     for r in tokens:
