@@ -23,7 +23,8 @@ updated in place: later runs read where earlier ones reached their nodes (§3).
 
 from __future__ import annotations
 
-from typing import no_type_check
+from collections.abc import Callable
+from typing import Any, no_type_check
 
 import numpy as np
 from numba import njit
@@ -32,7 +33,17 @@ UNSET = -2
 """``reach[v]`` for a node no tied run has reached (the output node's in-edges use -1)."""
 
 
-@njit(cache=True, nogil=True)
+def _compiled(fn: Callable[..., Any]) -> Any:
+    """``numba.njit`` with its on-disk cache (beside the package, else the user's cache directory),
+    so the loops compile once per install; where no cache directory can be written, compiled once
+    per process instead of failing the import (numba raises at decoration then)."""
+    try:
+        return njit(cache=True, nogil=True)(fn)
+    except RuntimeError:
+        return njit(nogil=True)(fn)
+
+
+@_compiled
 @no_type_check  # compiled: the test suite\'s jaxtyping import hook must leave it alone
 def _before(h0: np.ndarray, h1: np.ndarray, h2: np.ndarray, h3: np.ndarray, i: int, j: int) -> bool:
     """Whether heap slot ``i``'s key is smaller than slot ``j``'s (lexicographic on the 4 parts)."""
@@ -45,7 +56,7 @@ def _before(h0: np.ndarray, h1: np.ndarray, h2: np.ndarray, h3: np.ndarray, i: i
     return h3[i] < h3[j]
 
 
-@njit(cache=True, nogil=True)
+@_compiled
 @no_type_check  # compiled: the test suite\'s jaxtyping import hook must leave it alone
 def _swap(h0: np.ndarray, h1: np.ndarray, h2: np.ndarray, h3: np.ndarray, i: int, j: int) -> None:
     h0[i], h0[j] = h0[j], h0[i]
@@ -54,7 +65,7 @@ def _swap(h0: np.ndarray, h1: np.ndarray, h2: np.ndarray, h3: np.ndarray, i: int
     h3[i], h3[j] = h3[j], h3[i]
 
 
-@njit(cache=True, nogil=True)
+@_compiled
 @no_type_check  # compiled: the test suite\'s jaxtyping import hook must leave it alone
 def _push(h0: np.ndarray, h1: np.ndarray, h2: np.ndarray, h3: np.ndarray, n: int,
           k0: float, k1: int, k2: int, k3: int) -> int:
@@ -71,7 +82,7 @@ def _push(h0: np.ndarray, h1: np.ndarray, h2: np.ndarray, h3: np.ndarray, n: int
     return n + 1
 
 
-@njit(cache=True, nogil=True)
+@_compiled
 @no_type_check  # compiled: the test suite\'s jaxtyping import hook must leave it alone
 def _pop(h0: np.ndarray, h1: np.ndarray, h2: np.ndarray, h3: np.ndarray, n: int) -> int:
     """Remove the smallest key of the heap of ``n`` entries; returns its last part (the member)."""
@@ -93,7 +104,7 @@ def _pop(h0: np.ndarray, h1: np.ndarray, h2: np.ndarray, h3: np.ndarray, n: int)
     return top
 
 
-@njit(cache=True, nogil=True)
+@_compiled
 @no_type_check  # compiled: the test suite\'s jaxtyping import hook must leave it alone
 def replay_runs(r_lo: int, r_hi: int, run_start: np.ndarray, run_size: np.ndarray, run_offset: np.ndarray,
                 lam: np.ndarray, edge: np.ndarray, src: np.ndarray, tgt: np.ndarray, first: np.ndarray,
@@ -149,7 +160,7 @@ def replay_runs(r_lo: int, r_hi: int, run_start: np.ndarray, run_size: np.ndarra
     return -1
 
 
-@njit(cache=True, nogil=True)
+@_compiled
 @no_type_check  # compiled: the test suite\'s jaxtyping import hook must leave it alone
 def heap_order(src: np.ndarray, tgt: np.ndarray, weight: np.ndarray, canon: np.ndarray, reached: np.ndarray,
                reach_pos: np.ndarray, base: int, out: np.ndarray) -> int:
@@ -192,7 +203,7 @@ def heap_order(src: np.ndarray, tgt: np.ndarray, weight: np.ndarray, canon: np.n
     return k
 
 
-@njit(cache=True, nogil=True)
+@_compiled
 @no_type_check  # compiled: the test suite's jaxtyping import hook must leave it alone
 def distinct_within_runs(offset: np.ndarray, size: np.ndarray, weight: np.ndarray) -> bool:
     """Whether no two members of one run weigh the same (members numbered run after run from
@@ -226,7 +237,7 @@ def distinct_within_runs(offset: np.ndarray, size: np.ndarray, weight: np.ndarra
     return True
 
 
-@njit(cache=True, nogil=True)
+@_compiled
 @no_type_check  # compiled: the test suite's jaxtyping import hook must leave it alone
 def pack_sort_keys(bits: np.ndarray, out: np.ndarray) -> None:
     """``out[i] = order_key(bits[i]) << 32 | i`` for float32 values given as their int32 ``bits``

@@ -106,14 +106,16 @@ matrix.round(3)
 # table, the report and the verdicts are computed from them, not re-traced.
 
 # %%
-committed = sorted((Path.cwd().parent / "findings" / "runs").glob("*/austen-40-faithful"))  # from tutorials/
-if len(committed) > 1:
+committed_runs = Path.cwd().parent / "findings" / "runs"  # from tutorials/
+for mode in ("faithful", "never-ablated"):  # finding 4 in each attention mode (section 6 explains the second)
+    committed = sorted(committed_runs.glob(f"*/austen-40-{mode}"))
+    if len(committed) < 2:
+        print("The committed runs are not here (run this notebook from tutorials/ in a clone of the repository).")
+        break
     full = analysis.cross_model_density(committed)
-    print("passages per pair:")
+    print(f"attention {mode}: passages per pair")
     print(full.attrs["n"].to_string())
     display(full.round(3))
-else:
-    print("The committed runs are not here (run this notebook from tutorials/ in a clone of the repository).")
 
 # %% [markdown]
 # ## 6. Attention edges that are never ablated
