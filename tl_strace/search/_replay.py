@@ -44,7 +44,7 @@ def _compiled(fn: Callable[..., Any]) -> Any:
 
 
 @_compiled
-@no_type_check  # compiled: the test suite\'s jaxtyping import hook must leave it alone
+@no_type_check  # compiled: the test suite's jaxtyping import hook must leave it alone
 def _before(h0: np.ndarray, h1: np.ndarray, h2: np.ndarray, h3: np.ndarray, i: int, j: int) -> bool:
     """Whether heap slot ``i``'s key is smaller than slot ``j``'s (lexicographic on the 4 parts)."""
     if h0[i] != h0[j]:
@@ -57,7 +57,7 @@ def _before(h0: np.ndarray, h1: np.ndarray, h2: np.ndarray, h3: np.ndarray, i: i
 
 
 @_compiled
-@no_type_check  # compiled: the test suite\'s jaxtyping import hook must leave it alone
+@no_type_check  # compiled: the test suite's jaxtyping import hook must leave it alone
 def _swap(h0: np.ndarray, h1: np.ndarray, h2: np.ndarray, h3: np.ndarray, i: int, j: int) -> None:
     h0[i], h0[j] = h0[j], h0[i]
     h1[i], h1[j] = h1[j], h1[i]
@@ -66,7 +66,7 @@ def _swap(h0: np.ndarray, h1: np.ndarray, h2: np.ndarray, h3: np.ndarray, i: int
 
 
 @_compiled
-@no_type_check  # compiled: the test suite\'s jaxtyping import hook must leave it alone
+@no_type_check  # compiled: the test suite's jaxtyping import hook must leave it alone
 def _push(h0: np.ndarray, h1: np.ndarray, h2: np.ndarray, h3: np.ndarray, n: int,
           k0: float, k1: int, k2: int, k3: int) -> int:
     """Push key ``(k0, k1, k2, k3)`` onto the heap of ``n`` entries; returns the new size."""
@@ -83,7 +83,7 @@ def _push(h0: np.ndarray, h1: np.ndarray, h2: np.ndarray, h3: np.ndarray, n: int
 
 
 @_compiled
-@no_type_check  # compiled: the test suite\'s jaxtyping import hook must leave it alone
+@no_type_check  # compiled: the test suite's jaxtyping import hook must leave it alone
 def _pop(h0: np.ndarray, h1: np.ndarray, h2: np.ndarray, h3: np.ndarray, n: int) -> int:
     """Remove the smallest key of the heap of ``n`` entries; returns its last part (the member)."""
     top = h3[0]
@@ -105,7 +105,7 @@ def _pop(h0: np.ndarray, h1: np.ndarray, h2: np.ndarray, h3: np.ndarray, n: int)
 
 
 @_compiled
-@no_type_check  # compiled: the test suite\'s jaxtyping import hook must leave it alone
+@no_type_check  # compiled: the test suite's jaxtyping import hook must leave it alone
 def replay_runs(r_lo: int, r_hi: int, run_start: np.ndarray, run_size: np.ndarray, run_offset: np.ndarray,
                 lam: np.ndarray, edge: np.ndarray, src: np.ndarray, tgt: np.ndarray, first: np.ndarray,
                 weight: np.ndarray, canon: np.ndarray, node_B: np.ndarray, reach: np.ndarray, output: int,
@@ -161,7 +161,7 @@ def replay_runs(r_lo: int, r_hi: int, run_start: np.ndarray, run_size: np.ndarra
 
 
 @_compiled
-@no_type_check  # compiled: the test suite\'s jaxtyping import hook must leave it alone
+@no_type_check  # compiled: the test suite's jaxtyping import hook must leave it alone
 def heap_order(src: np.ndarray, tgt: np.ndarray, weight: np.ndarray, canon: np.ndarray, reached: np.ndarray,
                reach_pos: np.ndarray, base: int, out: np.ndarray) -> int:
     """The plain heap on one sub-problem (:func:`tl_strace.search._cascade._heap`): member ``i`` is
