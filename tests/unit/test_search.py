@@ -277,3 +277,24 @@ def test_stable_argsort_equals_torch_stable_sort(seed):
                     torch.randn(n, generator=g) * scale)
     assert torch.equal(stable_argsort(x), torch.sort(x, stable=True).indices)
     assert torch.equal(stable_argsort(x.double()), torch.sort(x.double(), stable=True).indices)
+
+
+def test_distinct_within_runs_finds_equal_weights_in_short_and_long_runs():
+    """strace §5's check: a repeat inside any one run (short runs compared pairwise, long ones
+    sorted) is found; equal weights in different runs are not a repeat."""
+    import numpy as np
+
+    from tl_strace.search._replay import distinct_within_runs
+
+    rng = np.random.default_rng(0)
+    sizes = np.array([2, 5, 40, 300, 3], dtype=np.int64)
+    offset = np.cumsum(sizes) - sizes
+    w = rng.random(int(sizes.sum()))
+    assert distinct_within_runs(offset, sizes, w)
+    for r in range(len(sizes)):  # a repeat inside run r
+        v = w.copy()
+        v[offset[r] + sizes[r] - 1] = v[offset[r]]
+        assert not distinct_within_runs(offset, sizes, v), r
+    v = w.copy()
+    v[offset[1]] = v[offset[0]]  # equal weights across two runs: still distinct within each
+    assert distinct_within_runs(offset, sizes, v)

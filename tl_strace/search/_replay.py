@@ -205,35 +205,32 @@ def heap_order(src: np.ndarray, tgt: np.ndarray, weight: np.ndarray, canon: np.n
 
 @_compiled
 @no_type_check  # compiled: the test suite's jaxtyping import hook must leave it alone
-def distinct_within_runs(offset: np.ndarray, size: np.ndarray, weight: np.ndarray) -> bool:
-    """Whether no two members of one run weigh the same (members numbered run after run from
-    ``offset[r]``, ``size[r]`` each): ``strace`` §5's condition for skipping the runs no cut falls in."""
-    biggest = 0
-    for r in range(offset.shape[0]):
-        biggest = max(biggest, size[r])
-    h0 = np.empty(biggest, np.float64)
-    h1 = np.zeros(biggest, np.int64)
-    h2 = np.zeros(biggest, np.int64)
-    h3 = np.empty(biggest, np.int64)
+def _small_runs_distinct(offset: np.ndarray, size: np.ndarray, weight: np.ndarray, largest: int) -> bool:
+    """Whether no two members of one run of at most ``largest`` members weigh the same (every pair
+    compared; larger runs are skipped)."""
     for r in range(offset.shape[0]):
         o, n = offset[r], size[r]
-        if n <= 8:  # most runs: compare every pair
-            for i in range(o, o + n):
-                for j in range(i + 1, o + n):
-                    if weight[i] == weight[j]:
-                        return False
+        if n > largest:
             continue
-        hn = 0  # larger runs: heap-sort the weights, then compare neighbours
         for i in range(o, o + n):
-            hn = _push(h0, h1, h2, h3, hn, weight[i], 0, 0, i)
-        prev = _pop(h0, h1, h2, h3, hn)
-        hn -= 1
-        while hn > 0:
-            i = _pop(h0, h1, h2, h3, hn)
-            hn -= 1
-            if weight[i] == weight[prev]:
-                return False
-            prev = i
+            for j in range(i + 1, o + n):
+                if weight[i] == weight[j]:
+                    return False
+    return True
+
+
+def distinct_within_runs(offset: np.ndarray, size: np.ndarray, weight: np.ndarray) -> bool:
+    """Whether no two members of one run weigh the same (members numbered run after run from
+    ``offset[r]``, ``size[r]`` each): ``strace`` §5's condition for skipping the runs no cut falls in.
+    Short runs (most of them) pair by pair, compiled; long ones (the random baseline has a few of
+    millions) sorted by NumPy."""
+    small = 32
+    if not _small_runs_distinct(offset, size, weight, small):
+        return False
+    for r in np.flatnonzero(size > small):
+        w = np.sort(weight[offset[r]:offset[r] + size[r]])
+        if bool((w[1:] == w[:-1]).any()):
+            return False
     return True
 
 
