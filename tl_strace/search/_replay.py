@@ -106,6 +106,15 @@ def _pop(h0: np.ndarray, h1: np.ndarray, h2: np.ndarray, h3: np.ndarray, n: int)
 
 @_compiled
 @no_type_check  # compiled: the test suite's jaxtyping import hook must leave it alone
+def _scratch(n: int, n_nodes: int) -> tuple:
+    """A heap of ``n`` keys (four part arrays) and the waiting lists: ``head[node]`` (-1: none) and
+    ``nxt[member]``, each member waiting for its target node."""
+    return (np.empty(n, np.float64), np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64),
+            np.full(n_nodes, -1, np.int64), np.empty(n, np.int64))
+
+
+@_compiled
+@no_type_check  # compiled: the test suite's jaxtyping import hook must leave it alone
 def replay_runs(r_lo: int, r_hi: int, run_start: np.ndarray, run_size: np.ndarray, run_offset: np.ndarray,
                 lam: np.ndarray, edge: np.ndarray, src: np.ndarray, tgt: np.ndarray, first: np.ndarray,
                 weight: np.ndarray, canon: np.ndarray, node_B: np.ndarray, reach: np.ndarray, output: int,
@@ -117,12 +126,7 @@ def replay_runs(r_lo: int, r_hi: int, run_start: np.ndarray, run_size: np.ndarra
     biggest = 0
     for r in range(r_lo, r_hi):
         biggest = max(biggest, run_size[r])
-    h0 = np.empty(biggest, np.float64)
-    h1 = np.empty(biggest, np.int64)
-    h2 = np.empty(biggest, np.int64)
-    h3 = np.empty(biggest, np.int64)
-    head = np.full(node_B.shape[0], -1, np.int64)  # node -> a waiting member (its list, through nxt)
-    nxt = np.empty(biggest, np.int64)
+    h0, h1, h2, h3, head, nxt = _scratch(biggest, node_B.shape[0])
     for r in range(r_lo, r_hi):
         o, n, lm = run_offset[r], run_size[r], lam[r]
         hn = 0
@@ -170,12 +174,7 @@ def heap_order(src: np.ndarray, tgt: np.ndarray, weight: np.ndarray, canon: np.n
     they reach in ``reached``/``reach_pos`` (pop positions from ``base``); returns how many were
     popped (members never released are not)."""
     n = src.shape[0]
-    h0 = np.empty(n, np.float64)
-    h1 = np.empty(n, np.int64)
-    h2 = np.empty(n, np.int64)
-    h3 = np.empty(n, np.int64)
-    head = np.full(reached.shape[0], -1, np.int64)  # node -> a waiting member (its list, through nxt)
-    nxt = np.empty(n, np.int64)
+    h0, h1, h2, h3, head, nxt = _scratch(n, reached.shape[0])
     hn = 0
     for i in range(n):
         t = tgt[i]
