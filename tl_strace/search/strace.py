@@ -214,14 +214,15 @@ def strace_order(graph: Graph, n_max: int | None = None, *, cuts: Sequence[int] 
         return order[:n_max]
     layout = graph.layout
     members = order[runs.at]
-    if cut_t is not None and not distinct_within_runs(runs.offset.numpy(), runs.size.numpy(),
-                                                      graph.weights[members].double().numpy()):
+    weight = graph.weights[members]
+    weight64 = weight.double().numpy()  # the compiled loops compare float64 (exact for float32 weights)
+    if cut_t is not None and not distinct_within_runs(runs.offset.numpy(), runs.size.numpy(), weight64):
         return strace_order(graph, n_max)  # equal weights make tie keys matter (§5): order exactly
     src, tgt = layout.node_ids(members)
     # Where each member's target was reached if that happened in a single-edge run: the position
     # of the (only) edge whose bottleneck is B(target) (§3).
     first = torch.searchsorted(neg_sb, -node_B[tgt].to(neg_sb.dtype), side="left")
-    weight, canon = graph.weights[members], _canonical(layout, members)
+    canon = _canonical(layout, members)
     lam = -neg_sb[runs.start]
     reach = torch.full((layout.n_nodes,), UNSET, dtype=torch.long)  # §3: where tied runs reached each node
     out = torch.empty_like(members)  # replayed runs' pops, by member number
@@ -230,7 +231,7 @@ def strace_order(graph: Graph, n_max: int | None = None, *, cuts: Sequence[int] 
     limit = _TENSOR_RUN if cut_t is None else _TENSOR_RUN_CUTS
     large = torch.nonzero(runs.size > limit).flatten().tolist()
     arrays = (runs.start.numpy(), runs.size.numpy(), runs.offset.numpy(), lam.double().numpy(), members.numpy(),
-              src.numpy(), tgt.numpy(), first.numpy(), weight.double().numpy(), canon.numpy(),
+              src.numpy(), tgt.numpy(), first.numpy(), weight64, canon.numpy(),
               node_B.double().numpy(), reach.numpy(), layout.output_node, out.numpy())
     r = 0
     for big in large + [runs.size.numel()]:
