@@ -236,10 +236,13 @@ def trace_prepared(model: Any, spec: ModelSpec, opts: options.TraceOptions, prep
     bar.stage("search")
     strata = STRATIFICATIONS[opts.method](graph, opts.parameters)
     tables = [strata.labels]
-    rnd = None
+    rnd_counts, rnd_reach = None, None
     if "random" in conds:
         rnd = random_strata(graph, strata.counts.tolist(), strata.sizes.tolist(), seed=opts.seed)
+        # Only its labels go on (the masks); its rank is dropped here, before the masked forwards.
         tables.append(rnd.labels)
+        rnd_counts, rnd_reach = rnd.counts, _reaches_input(rnd, layout)
+        del rnd
     t3 = time.perf_counter()
     timings["search"] = timings.get("search", 0.0) + t3 - t2
 
@@ -250,8 +253,8 @@ def trace_prepared(model: Any, spec: ModelSpec, opts: options.TraceOptions, prep
     # same numbers). Measured on SmolLM2: 5 of 27 rows saved at 5 tokens, 2 at 14, none at 53.
     present = torch.zeros(K, dtype=torch.bool)
     present[0] = True
-    for st in [strata] + ([rnd] if rnd is not None else []):
-        c = st.counts.cpu()
+    for c in [strata.counts] + ([rnd_counts] if rnd_counts is not None else []):
+        c = c.cpu()
         present[1:] |= c[1:] != c[:-1]
     keep = [k for k in range(K) if bool(present[k])]
     slot = (torch.cumsum(present.long(), 0) - 1)  # each stratum's row among the kept ones
@@ -262,6 +265,7 @@ def trace_prepared(model: Any, spec: ModelSpec, opts: options.TraceOptions, prep
     # The last stratum of every method is the full graph (every valid edge; the others cannot
     # reach the last position): its row must give back the clean logits (tl_strace.engine.evaluate).
     masks = TokenMasks(spec, layout, tables, rows, device=tokens.device, ablate_attention=opts.ablate_attention)
+    del tables  # the masks hold their int16 copy; the random labels are not needed past here
     bar.stage("evaluate")
     bar.rows(len(rows))
     m = evaluate(model, spec, tokens, masks, clean=full, logit_scale=prepared.logit_scale,
@@ -276,7 +280,7 @@ def trace_prepared(model: Any, spec: ModelSpec, opts: options.TraceOptions, prep
         if c == "inverse":  # every residual edge is kept: the skip chain reaches the input
             reach.append(torch.ones(K, dtype=torch.bool))
         else:
-            reach.append(_reaches_input(rnd if c == "random" else strata, layout))
+            reach.append(rnd_reach if c == "random" else _reaches_input(strata, layout))
     return StraceResult(
         model=spec.to_json(),
         config={"method": opts.method, "weights": opts.weights, "ablation": "zero", "seed": int(opts.seed),

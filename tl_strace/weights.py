@@ -16,7 +16,7 @@ block of the result is all 0 (no such edge).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from jaxtyping import Float
@@ -65,16 +65,39 @@ def _causal(vec: NodeVectors) -> Tensor:
     return torch.ones(T, T, dtype=vec.pattern.dtype, device=vec.pattern.device).tril().expand(L, H, T, T)
 
 
-def l1_weights(vec: NodeVectors) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """L1 weights per block: (attn [L,H,T,T], res_attn [L,T], mlp [L,T], res_mlp [L,T])."""
-    vo_l1 = vec.vo.abs().sum(-1)  # [L, S, H]
-    attn = vec.pattern * vo_l1.permute(0, 2, 1)[:, :, None, :]  # [L, H, T, S]
-    res_attn = vec.resid_pre.abs().sum(-1)
-    mlp = vec.mlp_out.abs().sum(-1)
+def _l1_layer(vec: NodeVectors, l: int, vo_l1: Tensor, causal: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The L1 weights of block ``l`` (``vo_l1``: ``‖vo‖₁`` of every block, ``[L, S, H]``; ``causal``:
+    ``[H, T, T]``): attention ``[H, T, T]`` and the three token-local edge types ``[T]``."""
+    attn = vec.pattern[l] * vo_l1[l].permute(1, 0)[:, None, :]  # [H, T, S]
+    res_attn = vec.resid_pre[l].abs().sum(-1)
+    mlp = vec.mlp_out[l].abs().sum(-1)
     if vec.parallel:
-        return _normalise_parallel(attn, res_attn, mlp, _causal(vec))
-    res_mlp = vec.resid_mid.abs().sum(-1)
-    return _normalise(attn, res_attn, mlp, res_mlp, _causal(vec))
+        return _normalise_parallel(attn[None], res_attn[None], mlp[None], causal[None])
+    res_mlp = vec.resid_mid[l].abs().sum(-1)
+    return _normalise(attn[None], res_attn[None], mlp[None], res_mlp[None], causal[None])
+
+
+def l1_weights(vec: NodeVectors) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """L1 weights per block: (attn [L,H,T,T], res_attn [L,T], mlp [L,T], res_mlp [L,T]).
+
+    Computed one block at a time (:func:`_l1_layer`; :func:`compute_weights` writes each block
+    straight into the flat edge space, so only one block's transients exist at a time)."""
+    L, H, T, _ = vec.pattern.shape
+    out = [torch.empty(L, H, T, T, dtype=vec.pattern.dtype, device=vec.pattern.device)] + [
+        torch.empty(L, T, dtype=vec.pattern.dtype, device=vec.pattern.device) for _ in range(3)]
+    _l1_into(vec, out)
+    return out[0], out[1], out[2], out[3]
+
+
+def _l1_into(vec: NodeVectors, out: Sequence[Tensor]) -> None:
+    """Write the L1 weights of every block into ``out`` (four tensors shaped as :func:`l1_weights`'
+    result, on any device: each block is computed where the vectors are and copied)."""
+    L, H, T, _ = vec.pattern.shape
+    vo_l1 = vec.vo.abs().sum(-1)  # [L, S, H]
+    causal = torch.ones(T, T, dtype=vec.pattern.dtype, device=vec.pattern.device).tril().expand(H, T, T)
+    for l in range(L):
+        for dst, block in zip(out, _l1_layer(vec, l, vo_l1, causal)):
+            dst[l].copy_(block[0])
 
 
 def ifr_weights(vec: NodeVectors) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -123,7 +146,12 @@ def compute_weights(vec: NodeVectors, layout: EdgeLayout, scheme: str = "l1") ->
     if layout.parallel != vec.parallel:
         raise InputError(f"The edge layout (parallel={layout.parallel}) does not match the node vectors "
                          f"(parallel={vec.parallel}); build both from the same model spec (spec.parallel).")
-    blocks = WEIGHTS[scheme](vec)
-    flat: Float[Tensor, "edge"] = layout.join(*blocks).float().cpu()
+    # The flat edge space is made once and filled block by block (no second copy of it: issue 17).
+    flat: Float[Tensor, "edge"] = torch.empty(layout.size, dtype=torch.float32)
+    if scheme == "l1":
+        _l1_into(vec, layout.split(flat))
+    else:
+        for dst, block in zip(layout.split(flat), WEIGHTS[scheme](vec)):
+            dst.copy_(block)
     valid = layout.ancestors()
-    return Graph(layout=layout, weights=flat.masked_fill(~valid, 0.0), valid=valid)
+    return Graph(layout=layout, weights=flat.masked_fill_(~valid, 0.0), valid=valid)

@@ -263,21 +263,79 @@ def test_random_strata_equal_those_of_the_whole_order():
     assert fast.counts.tolist() == counts
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_stable_sort_equals_torch_stable_sort(seed):
-    """The packed-key sort of float32 bottlenecks (strace §4) is torch's stable sort exactly: ties
-    by index, -0.0 equal to +0.0, infinities and negatives in IEEE order; other dtypes fall back."""
-    from tl_strace.search.strace import stable_sort
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_sorted_bottlenecks_equal_a_stable_sort_of_the_dense_bottlenecks(dtype, parallel):
+    """strace §1/§4: the compact sort (float32: packed 64-bit keys holding the slot id; other dtypes:
+    one compact tensor of values) gives exactly what a stable torch sort of the dense bottleneck
+    tensor gives over the edges: the same values, the same edge ids, ties by slot, -0.0 == +0.0."""
+    from tl_strace.search.strace import bottlenecks, sorted_bottlenecks
 
-    g = torch.Generator().manual_seed(seed)
-    n = 4000
-    pool = torch.tensor([0.0, -0.0, 1.0, -1.0, float("inf"), -float("inf"), 1e-30, -1e-30, 3.5, -2.0])
-    scale = 10.0 ** torch.randint(-5, 5, (n,), generator=g).float()
-    x = torch.where(torch.rand(n, generator=g) < 0.5, pool[torch.randint(0, len(pool), (n,), generator=g)],
-                    torch.randn(n, generator=g) * scale)
-    for v in (x, x.double()):
-        got, want = stable_sort(v), torch.sort(v, stable=True)
-        assert torch.equal(got[1], want.indices) and torch.equal(got[0], want.values)
+    for seed in range(6):
+        graph = random_graph(2 + seed % 2, 3, 4 + seed, seed, levels=[None, 3, 1][seed % 3], parallel=parallel)
+        graph = Graph(graph.layout, graph.weights.to(dtype), graph.valid)
+        b, node_B = bottlenecks(graph)
+        ids = torch.nonzero(graph.valid).flatten()
+        want = torch.sort(-b[ids], stable=True)
+        neg_sb, order, got_B = sorted_bottlenecks(graph)
+        assert neg_sb.dtype == dtype and torch.equal(neg_sb, want.values), seed
+        assert order.tolist() == ids[want.indices].tolist(), seed
+        assert torch.equal(got_B, node_B)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_fast_search_on_float32_weights_equals_plain_heap(seed):
+    """Real graphs' weights are float32, whose bottlenecks are sorted as packed keys (strace §4):
+    the order is still the plain heap's, ties included (few distinct levels, zero weights)."""
+    L, H, T = 1 + seed % 3, 1 + seed % 4, 2 + seed % 7
+    graph = random_graph(L, H, T, seed, levels=[None, 3, 1, 8][seed % 4], parallel=bool(seed % 5 == 4))
+    graph = Graph(graph.layout, graph.weights.float(), graph.valid)
+    assert strace_order(graph).tolist() == reference_strace_order(graph).tolist()
+
+
+def test_compiled_edge_nodes_equal_the_layouts_decoding():
+    """The replay's compiled source / target / canonical column (``_replay.edge_nodes``) are
+    ``EdgeLayout.node_ids`` and ``_rows._canonical`` for every slot, in both block kinds."""
+    import numpy as np
+
+    from tl_strace.search._replay import edge_nodes
+    from tl_strace.search._rows import _canonical
+
+    for parallel in (False, True):
+        layout = EdgeLayout(3, 4, 7, parallel=parallel)
+        ids = torch.arange(layout.size)
+        src, tgt, canon = (np.empty(layout.size, dtype=np.int32) for _ in range(3))
+        edge_nodes(ids.numpy(), layout.n_heads, layout.n_pos, layout.n_attn, layout.n_local, parallel, src, tgt, canon)
+        want_src, want_tgt = layout.node_ids(ids)
+        assert src.tolist() == want_src.tolist() and tgt.tolist() == want_tgt.tolist()
+        assert canon.tolist() == _canonical(layout, ids).tolist()
+
+
+def test_tied_run_bounds_are_the_runs_of_equal_sorted_values():
+    """``_replay.tied_run_bounds``: every run of equal consecutive values with more than one member
+    that starts before ``n_max``, against a plain Python scan."""
+    import numpy as np
+
+    from tl_strace.search._replay import tied_run_bounds
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 2, 7, 300):
+        x = np.sort(rng.integers(0, max(1, n // 3), n)).astype(np.float32)
+        if n > 4:
+            x[1] = -0.0
+            x[2] = 0.0
+            x = np.sort(x)
+        for n_max in (0, 1, n // 2, n):
+            runs, i = [], 0
+            while i < min(n, n_max):
+                j = i + 1
+                while j < n and x[j] == x[i]:
+                    j += 1
+                if j - i > 1:
+                    runs.append((i, j - i))
+                i = j
+            start, size = tied_run_bounds(x, n_max)
+            assert list(zip(start.tolist(), size.tolist())) == runs
 
 
 def test_distinct_within_runs_finds_equal_weights_in_short_and_long_runs():

@@ -46,7 +46,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tl_strace.search._replay import heap_order
+from tl_strace.search._replay import heap_order, tied_run_bounds
 
 SMALL = 2048
 """Sub-problems with at most this many members are ordered by the plain heap (:func:`_heap`)."""
@@ -127,26 +127,26 @@ def _heap(st: _State, idx: Tensor, base: int) -> Tensor:
     return idx[torch.from_numpy(out[:k])]
 
 
-def _bottlenecks(st: _State, idx: Tensor) -> tuple[Tensor, Tensor]:
+def _bottlenecks(st: _State, idx: Tensor) -> Tensor:
     """``b(e) = min(B(target), w_e)`` for the members ``idx``, with ``B`` the widest-path value from
-    the sub-problem's frontier (``+inf`` at reached nodes, ``-inf`` where no member path leads), and
-    ``B(target)`` per member. One max-min pass per graph layer, top down: a member's source is one
-    or two layers below its target, so every ``B`` is final before it is read."""
+    the sub-problem's frontier (``+inf`` at reached nodes, ``-inf`` where no member path leads). One
+    max-min pass per graph layer, top down: a member's source is one or two layers below its
+    target, so every ``B`` is final before it is read. ``B`` is held for every graph node (few: no
+    renumbering of the members' nodes, which took several int64 arrays per member)."""
     src, tgt, w = st.src[idx], st.tgt[idx], st.weight[idx]
-    nodes, inv = torch.unique(torch.cat([src, tgt]), return_inverse=True)
-    si, ti = inv[: idx.numel()], inv[idx.numel():]
-    B = torch.full((nodes.numel(),), -math.inf, dtype=w.dtype)
-    B[st.reached[nodes]] = math.inf
+    B = torch.full((st.reached.numel(),), -math.inf, dtype=w.dtype)
+    B[st.reached] = math.inf
     layer = st.layer[idx]
     by_layer = torch.argsort(layer, descending=True, stable=True)
     lay_sorted = layer[by_layer]
     bounds = torch.nonzero(lay_sorted[1:] != lay_sorted[:-1]).flatten() + 1
+    del layer, lay_sorted
     b = torch.empty_like(w)
     for g in torch.tensor_split(by_layer, bounds):
-        bb = torch.minimum(B[ti[g]], w[g])
+        bb = torch.minimum(B[tgt[g]], w[g])
         b[g] = bb
-        B.scatter_reduce_(0, si[g], bb, reduce="amax")
-    return b, B[ti]
+        B.scatter_reduce_(0, src[g].long(), bb, reduce="amax")
+    return b
 
 
 def _order(st: _State, idx: Tensor, base: int) -> Tensor:
@@ -154,17 +154,19 @@ def _order(st: _State, idx: Tensor, base: int) -> Tensor:
     cascade), as member indices; unreachable members are left out."""
     if idx.numel() <= SMALL:
         return _heap(st, idx, base)
-    b, B_tgt = _bottlenecks(st, idx)
+    b = _bottlenecks(st, idx)
     keep = b > -math.inf
-    idx, b, B_tgt = idx[keep], b[keep], B_tgt[keep]
-    srt = torch.sort(-b, stable=True).indices
-    idx, neg_b, B_tgt = idx[srt], -b[srt], B_tgt[srt]
-    change = torch.nonzero(neg_b[1:] != neg_b[:-1]).flatten() + 1
-    starts = torch.cat([torch.zeros(1, dtype=torch.long), change])
-    sizes = torch.diff(torch.cat([starts, torch.tensor([idx.numel()])]))
+    idx, b = idx[keep], b[keep]
+    del keep
+    b.neg_()
+    neg_b, srt = torch.sort(b, stable=True)
+    del b
+    idx = idx[srt]
+    del srt
+    starts, sizes = tied_run_bounds(neg_b.numpy(), idx.numel())  # runs of more than one member
     out = idx.clone()
     done = 0  # sorted positions before `done` are final and marked
-    for s0, n in zip(starts[sizes > 1].tolist(), sizes[sizes > 1].tolist()):
+    for s0, n in zip(starts.tolist(), sizes.tolist()):
         if not st.needed(base + s0, n):
             continue  # no cut inside: its members stay in sorted order (strace §5)
         _mark(st, out[done:s0], base + done)  # the runs before this tied run

@@ -119,9 +119,11 @@ def replay_runs(r_lo: int, r_hi: int, run_start: np.ndarray, run_size: np.ndarra
                 lam: np.ndarray, edge: np.ndarray, src: np.ndarray, tgt: np.ndarray, first: np.ndarray,
                 weight: np.ndarray, canon: np.ndarray, node_B: np.ndarray, reach: np.ndarray, output: int,
                 out: np.ndarray) -> int:
-    """Replay runs ``r_lo … r_hi - 1`` (``strace`` §2, §3): ``out[m]`` for the run's members ``m``
-    (numbered from ``run_offset[r]``) receives the edges in pop order. Member arrays are indexed by
-    member number. Returns -1, or the first run whose pops did not take all its members (which
+    """Replay runs ``r_lo … r_hi - 1`` (``strace`` §2, §3): ``out[run_start[r] + j]`` (the sorted
+    positions of run ``r``, whose members are numbered from ``run_offset[r]``) receives the run's
+    edges in pop order: ``out`` is the order itself, rewritten in place. Member arrays are indexed by
+    member number; ``first`` and ``node_B`` by node (``first[v]``: the sorted position of the single
+    edge of bottleneck ``B(v)``, §3). Returns -1, or the first run whose pops did not take all its members (which
     would mean the bottleneck argument is violated)."""
     biggest = 0
     for r in range(r_lo, r_hi):
@@ -138,7 +140,7 @@ def replay_runs(r_lo: int, r_hi: int, run_start: np.ndarray, run_size: np.ndarra
                 elif reach[t] != UNSET:
                     key = reach[t]
                 else:
-                    key = first[i]
+                    key = first[t]
                 hn = _push(h0, h1, h2, h3, hn, -weight[i], key, canon[i], i)
             else:  # B(target) == lam: waits until a pop of this run reaches its target
                 nxt[i - o] = head[t]
@@ -148,7 +150,7 @@ def replay_runs(r_lo: int, r_hi: int, run_start: np.ndarray, run_size: np.ndarra
         while hn > 0:
             i = _pop(h0, h1, h2, h3, hn)
             hn -= 1
-            out[k] = edge[i]
+            out[pos] = edge[i]
             k += 1
             s = src[i]
             if node_B[s] == lm and reach[s] == UNSET:  # the pop at `pos` reaches s
@@ -235,12 +237,110 @@ def distinct_within_runs(offset: np.ndarray, size: np.ndarray, weight: np.ndarra
 
 @_compiled
 @no_type_check  # compiled: the test suite's jaxtyping import hook must leave it alone
-def pack_sort_keys(bits: np.ndarray, out: np.ndarray) -> None:
-    """``out[i] = order_key(bits[i]) << 32 | i`` for float32 values given as their int32 ``bits``
-    (``-0.0`` already made ``+0.0``): the unsigned key orders as IEEE floats do (non-negative
-    values as their bits, negative ones reversed, all below the non-negative ones)."""
+def pack_sort_keys_at(bits: np.ndarray, ids: np.ndarray, base: int, out: np.ndarray) -> None:
+    """``out[i] = order_key(bits[i]) << 32 | (base + ids[i])`` for float32 values given as their
+    int32 ``bits`` (``-0.0`` already made ``+0.0``): the unsigned ``order_key`` orders as IEEE
+    floats do (non-negative values as their bits, negative ones reversed, all below the
+    non-negative ones), and the low half is the edge-space slot the value came from (below 2³²),
+    so sorting the keys alone is a stable sort of the values (``strace`` §4)."""
     for i in range(bits.shape[0]):
         b = np.int64(bits[i])
         if b < 0:
             b ^= 0x7FFFFFFF
-        out[i] = np.uint64(b + 2147483648) << np.uint64(32) | np.uint64(i)
+        out[i] = np.uint64(b + 2147483648) << np.uint64(32) | np.uint64(base + ids[i])
+
+
+@_compiled
+@no_type_check  # compiled: the test suite's jaxtyping import hook must leave it alone
+def unpack_sort_keys(keys: np.ndarray, bits: np.ndarray) -> None:
+    """The inverse of :func:`pack_sort_keys_at` for the value part: ``bits[i]`` (int32 bits of a
+    float32) from ``keys[i] >> 32``; then ``keys[i]`` keeps its low 32 bits (the index) in place."""
+    for i in range(keys.shape[0]):
+        b = np.int64(keys[i] >> np.uint64(32)) - 2147483648
+        if b < 0:
+            b ^= 0x7FFFFFFF
+        bits[i] = np.int32(b)
+        keys[i] = keys[i] & np.uint64(0xFFFFFFFF)
+
+
+@_compiled
+@no_type_check  # compiled: the test suite's jaxtyping import hook must leave it alone
+def tied_run_bounds(values: np.ndarray, n_max: int) -> tuple:
+    """``(start, size)`` (int64) of every run of equal consecutive ``values`` with more than one
+    member that starts before ``n_max``: two passes over the sorted values and nothing per edge
+    (a tensor version holds several int64 arrays over every edge, nearly all singleton runs)."""
+    n = values.shape[0]
+    count = 0
+    i = 0
+    while i < n and i < n_max:
+        j = i + 1
+        while j < n and values[j] == values[i]:
+            j += 1
+        if j - i > 1:
+            count += 1
+        i = j
+    start = np.empty(count, dtype=np.int64)
+    size = np.empty(count, dtype=np.int64)
+    r = 0
+    i = 0
+    while i < n and i < n_max:
+        j = i + 1
+        while j < n and values[j] == values[i]:
+            j += 1
+        if j - i > 1:
+            start[r] = i
+            size[r] = j - i
+            r += 1
+        i = j
+    return start, size
+
+
+@_compiled
+@no_type_check  # compiled: the test suite's jaxtyping import hook must leave it alone
+def edge_nodes(edge: np.ndarray, n_heads: int, n_pos: int, n_attn: int, n_local: int, parallel: bool,
+               src: np.ndarray, tgt: np.ndarray, canon: np.ndarray) -> None:
+    """Source node, target node and canonical column of flat edge ids, one pass and no transients:
+    what :meth:`tl_strace.graph.EdgeLayout.node_ids` and :func:`tl_strace.search._rows._canonical`
+    compute with tensors (a dozen int64 arrays per edge), the same numbers (tests compare them)."""
+    H, T = n_heads, n_pos
+    for i in range(edge.shape[0]):
+        e = edge[i]
+        if e < n_attn:
+            layer = e // (H * T * T)
+            head = (e // (T * T)) % H
+            t = (e // T) % T
+            s = e % T
+            g = 2 * layer
+            tgt_g = g + 2 if parallel else g + 1
+            c = 1 + head * (t + 1) + s
+        else:
+            rel = e - n_attn
+            kind = 1 + rel // n_local
+            loc = rel % n_local
+            layer = loc // T
+            t = loc % T
+            s = t
+            if parallel:
+                g = 2 * layer
+                tgt_g = g + 2
+            else:
+                g = 2 * layer if kind == 1 else 2 * layer + 1
+                tgt_g = g + 1
+            if kind == 2:
+                c = 1 + H * (t + 1) if parallel else 1
+            else:
+                c = 0
+        src[i] = g * T + s
+        tgt[i] = tgt_g * T + t
+        canon[i] = c
+
+
+@_compiled
+@no_type_check  # compiled: the test suite's jaxtyping import hook must leave it alone
+def gather_runs(order: np.ndarray, start: np.ndarray, size: np.ndarray, offset: np.ndarray, out: np.ndarray) -> None:
+    """``out[offset[r] + j] = order[start[r] + j]``: the members of every run, numbered run after
+    run, without an index array over them."""
+    for r in range(start.shape[0]):
+        o, s = offset[r], start[r]
+        for j in range(size[r]):
+            out[o + j] = order[s + j]

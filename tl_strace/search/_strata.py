@@ -122,19 +122,35 @@ def labels_from_rank(rank: Int[Tensor, "unit"], counts: Int[Tensor, "stratum"],
     partial stratum) belong to the last, full stratum only; units outside ``inside`` (slots that
     are not edges) to none (:data:`NOT_IN_ANY`)."""
     K = int(counts.numel())
-    labels = torch.full_like(rank, K - 1)
-    if inside is not None:
-        labels[~inside] = NOT_IN_ANY
-    ranked = rank >= 0
-    labels[ranked] = torch.searchsorted(counts.to(rank.dtype), rank[ranked], right=True).clamp(max=K - 1).to(rank.dtype)
+    c = counts.to(rank.dtype)
+    labels = torch.empty_like(rank)
+    # In slices of the edge space, so the transients (an int64 search result among them) stay small
+    # whatever the input's length (issue 17).
+    for a in range(0, rank.numel(), _SLICE):
+        r, lab = rank[a:a + _SLICE], labels[a:a + _SLICE]
+        lab.fill_(K - 1)
+        if inside is not None:
+            lab.masked_fill_(~inside[a:a + _SLICE], NOT_IN_ANY)
+        ranked = r >= 0
+        lab[ranked] = torch.searchsorted(c, r[ranked], right=True).clamp_(max=K - 1).to(rank.dtype)
     return labels
+
+
+_SLICE = 1 << 22
+"""Slots per slice where a whole-edge-space operation is done a slice at a time (16 MiB of int32)."""
 
 
 def _strata_from_order(method: str, graph: Graph, order: Tensor, sizes: Sequence[float],
                        counts: Sequence[int], params: Sequence[float]) -> Strata:
     """Stratum ``k`` is the first ``counts[k]`` edges of ``order``; edges past its end (the search
     stops at the largest partial target) belong to the final, full stratum only."""
-    rank = rank_of(order, graph.layout.size)
+    return _strata_from_rank(method, graph, rank_of(order, graph.layout.size), sizes, counts, params)
+
+
+def _strata_from_rank(method: str, graph: Graph, rank: Tensor, sizes: Sequence[float],
+                      counts: Sequence[int], params: Sequence[float]) -> Strata:
+    """:func:`_strata_from_order` from the order's :func:`rank_of` (so a caller can let the order go
+    before the labels are made: ``_strata_from_rank(..., rank_of(search(...), n), ...)``)."""
     c = torch.tensor(list(counts), dtype=torch.long)
     labels = labels_from_rank(rank, c, graph.valid)
     return Strata(method=method, sizes=torch.tensor(list(sizes), dtype=torch.float64), counts=c,

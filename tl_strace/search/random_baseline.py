@@ -10,7 +10,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from tl_strace.graph import Graph
-from tl_strace.search._strata import Strata, _strata_from_order
+from tl_strace.search._strata import Strata, _strata_from_rank, rank_of
 from tl_strace.search.strace import strace_order
 
 
@@ -35,5 +35,5 @@ def random_strata(graph: Graph, counts: Sequence[int], sizes: Sequence[float], *
     with exactly ``counts`` edges each."""
     partial = [c for c in counts if c < graph.n_edges]
     # Strata need only which edges are among the first count of each stratum, not their order (§5).
-    order = random_order(graph, max(partial) if partial else 0, seed=seed, cuts=partial)
-    return _strata_from_order("random", graph, order, sizes, counts, sizes)
+    rank = rank_of(random_order(graph, max(partial) if partial else 0, seed=seed, cuts=partial), graph.layout.size)
+    return _strata_from_rank("random", graph, rank, sizes, counts, sizes)

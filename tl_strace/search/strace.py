@@ -73,7 +73,7 @@ kept, uses this (its float64 uniform weights practically never tie); s-Trace kee
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -81,11 +81,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_strace.graph import EdgeLayout, Graph
+from tl_strace.graph import EdgeLayout, EdgeType, Graph
 from tl_strace.search._cascade import SMALL, order_run
-from tl_strace.search._replay import UNSET, distinct_within_runs, pack_sort_keys, replay_runs
-from tl_strace.search._rows import _canonical
-from tl_strace.search._strata import Strata, _strata_from_order, check_sizes, target_counts
+from tl_strace.search._replay import (UNSET, distinct_within_runs, pack_sort_keys_at, replay_runs,
+                                      tied_run_bounds, unpack_sort_keys, edge_nodes, gather_runs)
+from tl_strace.search._strata import Strata, _strata_from_rank, check_sizes, rank_of, target_counts
 
 _TENSOR_RUN = 1 << 16
 """Tied runs with more members than this are ordered with tensors (:mod:`tl_strace.search._cascade`),
@@ -97,26 +97,45 @@ _TENSOR_RUN_CUTS = 4 * SMALL
 falls inside, so it pays from a few thousand members."""
 
 
-def stable_sort(x: Float[Tensor, "n"]) -> tuple[Float[Tensor, "n"], Int[Tensor, "n"]]:
-    """``torch.sort(x, stable=True)`` (values and indices), faster and in less memory for float32 (§4).
+def _bottleneck_blocks(graph: Graph, emit: Callable[[EdgeType, int, Tensor], None]) -> Float[Tensor, "node"]:
+    """The max-min recursion of §1, one block at a time, top to bottom: ``emit(kind, layer, b)``
+    receives each edge type's bottlenecks in block ``layer`` (``[H, T, T]`` for attention, ``[T]``
+    otherwise; ``-inf`` on slots that are no edges) as soon as they are known, and may keep them
+    however it likes (dense, or only the edges'). Returns every node's ``B(v)``, flattened."""
+    layout = graph.layout
+    L, T = layout.n_layers, layout.n_pos
+    neg = -math.inf
+    valid_a, valid_ra, valid_m, valid_rm = layout.split(graph.valid)
+    w_a, w_ra, w_m, w_rm = layout.split(graph.weights)  # min/max only: exact in any float dtype
+    node_B = torch.full((2 * L + 1, T), neg, dtype=graph.weights.dtype)
+    node_B[2 * L, T - 1] = math.inf
 
-    A float32 value and its index fit one 64-bit key: the value's bits mapped to an unsigned
-    integer of the same order (``-0.0`` counted as ``+0.0``, as ``torch.sort`` compares them) above
-    the index. The keys are distinct, so NumPy's unstable sort of the keys alone (vectorised
-    quicksort) gives the stable order: 0.7 s instead of 2.3 s for 11.8 M edges, 12 bytes per
-    element at the peak (the keys and a copy of ``x``; torch's sort: values, int64 indices and a
-    copy), the keys becoming the indices in place. Other dtypes, NaN, or 2³² elements and more:
-    ``torch.sort`` itself.
-    """
-    n = x.numel()
-    if x.dtype != torch.float32 or n >= 1 << 32 or bool(torch.isnan(x).any()):
-        return torch.sort(x, stable=True)
-    key = np.empty(n, dtype=np.uint64)
-    pack_sort_keys((x + 0.0).numpy().view(np.int32), key)  # + 0.0: -0.0 becomes +0.0
-    key.sort()
-    key &= np.uint64(0xFFFFFFFF)
-    perm = torch.from_numpy(key.view(np.int64))
-    return x[perm], perm
+    def local(B: Tensor, w: Tensor, valid: Tensor) -> Tensor:
+        return torch.minimum(B, w).masked_fill_(~valid, neg)
+
+    for l in range(L - 1, -1, -1):
+        B_post = node_B[2 * l + 2]
+        if layout.parallel:  # every in-edge of block node (2l+2, t) leaves a node of layer 2l
+            b_m, b_ra = local(B_post, w_m[l], valid_m[l]), local(B_post, w_ra[l], valid_ra[l])
+            b_a = torch.minimum(B_post[None, :, None], w_a[l]).masked_fill_(~valid_a[l], neg)
+            node_B[2 * l] = torch.maximum(torch.maximum(b_ra, b_m), b_a.amax(dim=(0, 1)))
+            emit(EdgeType.ATTN, l, b_a)
+            del b_a
+            emit(EdgeType.RES_ATTN, l, b_ra)
+            emit(EdgeType.MLP, l, b_m)
+            emit(EdgeType.RES_MLP, l, torch.full_like(b_m, neg))
+            continue
+        b_m, b_rm = local(B_post, w_m[l], valid_m[l]), local(B_post, w_rm[l], valid_rm[l])
+        node_B[2 * l + 1] = B_mid = torch.maximum(b_m, b_rm)  # both leave node (2l+1, t)
+        b_ra = local(B_mid, w_ra[l], valid_ra[l])
+        b_a = torch.minimum(B_mid[None, :, None], w_a[l]).masked_fill_(~valid_a[l], neg)
+        node_B[2 * l] = torch.maximum(b_ra, b_a.amax(dim=(0, 1)))  # node (2l, s)
+        emit(EdgeType.ATTN, l, b_a)
+        del b_a
+        emit(EdgeType.RES_ATTN, l, b_ra)
+        emit(EdgeType.MLP, l, b_m)
+        emit(EdgeType.RES_MLP, l, b_rm)
+    return node_B.flatten()
 
 
 def bottlenecks(graph: Graph) -> tuple[Float[Tensor, "edge"], Float[Tensor, "node"]]:
@@ -124,33 +143,68 @@ def bottlenecks(graph: Graph) -> tuple[Float[Tensor, "edge"], Float[Tensor, "nod
     largest, over paths from the output node to ``v``, of the smallest weight on the path (``+inf``
     at the output, ``-inf`` off the graph). One max-min recursion per block, top to bottom.
     """
+    b = torch.full_like(graph.weights, -math.inf)
+    blocks = graph.layout.split(b)  # written through views: no copy of the edge space
+
+    def into_dense(kind: EdgeType, l: int, v: Tensor) -> None:
+        blocks[int(kind)][l] = v
+
+    node_B = _bottleneck_blocks(graph, into_dense)
+    return b, node_B
+
+
+def sorted_bottlenecks(graph: Graph) -> tuple[Float[Tensor, "edge_sorted"], Int[Tensor, "edge_sorted"],
+                                              Float[Tensor, "node"]]:
+    """The edges (``graph.valid``) sorted by ``-b`` stably (§1): the sorted negated bottlenecks,
+    the edge ids in that order, and every node's ``B(v)``. Equal to sorting ``-bottlenecks(graph)[0]``
+    over the edges with ``torch.sort(stable=True)``.
+
+    For float32 weights over fewer than 2³² slots, no tensor over the edge space is made (issue
+    17): each block's bottlenecks go straight into one 64-bit key per edge (the value's order bits
+    above its slot id, :func:`~tl_strace.search._replay.pack_sort_keys_at`), the keys are sorted in
+    place, and the values and ids are read back out of them: 12 bytes per edge at the peak (the
+    keys and the values read back), instead of a dense float32 bottleneck tensor, int64 ids, the
+    negated values, the keys and the sort's copies. Other weights (the random baseline's float64)
+    are gathered the same way into one compact tensor of values and sorted by ``torch.sort``; the
+    positions it returns become edge ids in place.
+    """
     layout = graph.layout
-    L, T = layout.n_layers, layout.n_pos
-    neg = -math.inf
-    valid_a = layout.split(graph.valid)[0]
-    w_a, w_ra, w_m, w_rm = layout.split(graph.weights)  # min/max only: exact in any float dtype
-    # One output tensor written through views of its four blocks: no copy of the edge space.
-    b = torch.full_like(graph.weights, neg)
-    b_a, b_ra, b_m, b_rm = layout.split(b)
-    node_B = torch.full((2 * L + 1, T), neg, dtype=graph.weights.dtype)
-    node_B[2 * L, T - 1] = math.inf
-    for l in range(L - 1, -1, -1):
-        B_post = node_B[2 * l + 2]
-        if layout.parallel:  # every in-edge of block node (2l+2, t) leaves a node of layer 2l
-            b_m[l] = torch.minimum(B_post, w_m[l])
-            b_ra[l] = torch.minimum(B_post, w_ra[l])
-            torch.minimum(B_post[None, :, None], w_a[l], out=b_a[l])
-            b_a[l].masked_fill_(~valid_a[l], neg)
-            node_B[2 * l] = torch.maximum(torch.maximum(b_ra[l], b_m[l]), b_a[l].amax(dim=(0, 1)))
-            continue
-        b_m[l] = torch.minimum(B_post, w_m[l])
-        b_rm[l] = torch.minimum(B_post, w_rm[l])
-        node_B[2 * l + 1] = B_mid = torch.maximum(b_m[l], b_rm[l])  # both leave node (2l+1, t)
-        b_ra[l] = torch.minimum(B_mid, w_ra[l])
-        torch.minimum(B_mid[None, :, None], w_a[l], out=b_a[l])
-        b_a[l].masked_fill_(~valid_a[l], neg)
-        node_B[2 * l] = torch.maximum(b_ra[l], b_a[l].amax(dim=(0, 1)))  # node (2l, s)
-    return b.masked_fill_(~graph.valid, neg), node_B.flatten()
+    # Where each (edge type, layer) block's edges start among the edges in slot order.
+    valid_blocks = layout.split(graph.valid)
+    counts = torch.stack([v.reshape(layout.n_layers, -1).sum(1) for v in valid_blocks])  # [4, L]
+    start = (torch.cumsum(counts.flatten(), 0) - counts.flatten()).reshape(4, layout.n_layers)
+    per_slot = [layout.n_heads * layout.n_pos * layout.n_pos] + [layout.n_pos] * 3
+    n = int(counts.sum())
+    packed = (graph.weights.dtype == torch.float32 and layout.size < 1 << 32
+              and not bool(torch.isnan(graph.weights).any()))
+    keys = np.empty(n, dtype=np.uint64) if packed else None
+    vals = None if packed else torch.empty(n, dtype=graph.weights.dtype)
+
+    def compact(kind: EdgeType, l: int, v: Tensor) -> None:
+        k = int(kind)
+        slots = torch.nonzero(valid_blocks[k][l].flatten()).flatten()
+        if slots.numel() == 0:
+            return
+        lo, hi = int(start[k, l]), int(start[k, l]) + slots.numel()
+        if keys is None:  # the values alone, negated, in slot order
+            torch.neg(v.flatten()[slots], out=vals[lo:hi])
+            return
+        neg = v.flatten()[slots].neg_().add_(0.0)  # + 0.0: -0.0 becomes +0.0, as torch.sort compares
+        pack_sort_keys_at(neg.numpy().view(np.int32), slots.numpy(), layout.offset(kind) + l * per_slot[k],
+                          keys[lo:hi])
+
+    node_B = _bottleneck_blocks(graph, compact)
+    if keys is None:  # other dtypes (the random baseline's float64), NaN, or 2^32 slots and more
+        neg_sb, order = torch.sort(vals, stable=True)
+        del vals
+        ids = torch.nonzero(graph.valid).flatten()
+        for a in range(0, n, 1 << 22):  # positions among the edges -> edge ids, in place
+            order[a:a + (1 << 22)] = ids[order[a:a + (1 << 22)]]
+        return neg_sb, order, node_B
+    keys.sort()
+    bits = np.empty(keys.size, dtype=np.int32)
+    unpack_sort_keys(keys, bits)
+    return torch.from_numpy(bits.view(np.float32)), torch.from_numpy(keys.view(np.int64)), node_B
 
 
 class _TiedRuns(NamedTuple):
@@ -160,23 +214,17 @@ class _TiedRuns(NamedTuple):
     start: Int[Tensor, "run"]  # sorted position of the run's first edge
     size: Int[Tensor, "run"]  # edges in the run
     offset: Int[Tensor, "run"]  # member number of the run's first edge
-    at: Int[Tensor, "member"]  # sorted position of each member
 
 
 def _tied_runs(neg_b_sorted: Tensor, n_max: int, cuts: Tensor | None = None) -> _TiedRuns:
     """Bounds of the tied runs of the sorted (negated) bottlenecks; no Python step per edge. With
     ``cuts`` (sorted positions), only the runs a cut falls strictly inside."""
-    change = torch.nonzero(neg_b_sorted[1:] != neg_b_sorted[:-1]).flatten() + 1
-    starts = torch.cat([torch.zeros(1, dtype=torch.long), change])
-    ends = torch.cat([change, torch.tensor([neg_b_sorted.numel()])])
-    keep = (ends - starts > 1) & (starts < n_max)
+    start_np, size_np = tied_run_bounds(neg_b_sorted.numpy(), n_max)
+    start, size = torch.from_numpy(start_np), torch.from_numpy(size_np)
     if cuts is not None:
-        keep &= _straddles(cuts, starts, ends)
-    tied = torch.nonzero(keep).flatten()
-    start, size = starts[tied], (ends - starts)[tied]
-    run_of = torch.repeat_interleave(torch.arange(size.numel()), size)  # run of each member
-    offset = torch.cumsum(size, 0) - size
-    return _TiedRuns(start, size, offset, start[run_of] + torch.arange(run_of.numel()) - offset[run_of])
+        keep = _straddles(cuts, start, start + size)
+        start, size = start[keep], size[keep]
+    return _TiedRuns(start, size, torch.cumsum(size, 0) - size)
 
 
 def _straddles(cuts: Tensor, starts: Tensor, ends: Tensor) -> Tensor:
@@ -200,69 +248,63 @@ def strace_order(graph: Graph, n_max: int | None = None, *, cuts: Sequence[int] 
     are then left in sorted order.
     """
     n_max = graph.n_edges if n_max is None else min(n_max, graph.n_edges)
-    b, node_B = bottlenecks(graph)
-    ids = torch.nonzero(graph.valid).flatten()
-    neg_b = b[ids].neg_()
-    del b  # the edge space's largest transients go before the sort (issue 17)
-    neg_sb, srt = stable_sort(neg_b)
-    del neg_b
-    order = ids[srt]
-    del ids, srt
+    neg_sb, order, node_B = sorted_bottlenecks(graph)
     cut_t = None if cuts is None else torch.tensor(sorted({int(c) for c in cuts}), dtype=torch.long)
     runs = _tied_runs(neg_sb, n_max, cut_t)
     if runs.start.numel() == 0:
         return order[:n_max]
     layout = graph.layout
-    members = order[runs.at]
+    members = torch.empty(int(runs.size.sum()), dtype=order.dtype)
+    gather_runs(order.numpy(), runs.start.numpy(), runs.size.numpy(), runs.offset.numpy(), members.numpy())
     weight = graph.weights[members]
-    weight64 = weight.double().numpy()  # the compiled loops compare float64 (exact for float32 weights)
-    if cut_t is not None and not distinct_within_runs(runs.offset.numpy(), runs.size.numpy(), weight64):
+    w_np = weight.numpy()  # the compiled loops compare in float64 (exact for float32 weights)
+    if cut_t is not None and not distinct_within_runs(runs.offset.numpy(), runs.size.numpy(), w_np):
+        del neg_sb, order, members, weight, w_np  # not held through the second search
         return strace_order(graph, n_max)  # equal weights make tie keys matter (§5): order exactly
-    src, tgt = layout.node_ids(members)
-    # Where each member's target was reached if that happened in a single-edge run: the position
-    # of the (only) edge whose bottleneck is B(target) (§3).
-    first = torch.searchsorted(neg_sb, -node_B[tgt].to(neg_sb.dtype), side="left")
-    canon = _canonical(layout, members)
+    # Source, target and canonical column of each member (§3), int32, in one compiled pass.
+    src, tgt, canon = (torch.empty(members.numel(), dtype=torch.int32) for _ in range(3))
+    edge_nodes(members.numpy(), layout.n_heads, layout.n_pos, layout.n_attn, layout.n_local, layout.parallel,
+               src.numpy(), tgt.numpy(), canon.numpy())
+    # Where each node was reached if that happened in a single-edge run: the position of the
+    # (only) edge whose bottleneck is B(node) (§3); per node, read by the members' targets.
+    first = torch.searchsorted(neg_sb, (-node_B).to(neg_sb.dtype).contiguous(), side="left")
     lam = -neg_sb[runs.start]
+    del neg_sb  # everything after reads the nodes' `first` positions instead (issue 17: memory)
     reach = torch.full((layout.n_nodes,), UNSET, dtype=torch.long)  # §3: where tied runs reached each node
-    out = torch.empty_like(members)  # replayed runs' pops, by member number
-    replayed = torch.ones(members.numel(), dtype=torch.bool)
     # one compiled call per stretch of small runs; large runs (the random baseline's) in between
     limit = _TENSOR_RUN if cut_t is None else _TENSOR_RUN_CUTS
     large = torch.nonzero(runs.size > limit).flatten().tolist()
     arrays = (runs.start.numpy(), runs.size.numpy(), runs.offset.numpy(), lam.double().numpy(), members.numpy(),
-              src.numpy(), tgt.numpy(), first.numpy(), weight64, canon.numpy(),
-              node_B.double().numpy(), reach.numpy(), layout.output_node, out.numpy())
+              src.numpy(), tgt.numpy(), first.numpy(), w_np, canon.numpy(),
+              node_B.double().numpy(), reach.numpy(), layout.output_node, order.numpy())  # pops into `order`
     r = 0
     for big in large + [runs.size.numel()]:
         if r < big and replay_runs(r, big, *arrays) != -1:  # pragma: no cover - the bottleneck argument is violated
             raise AssertionError("s-Trace tie replay did not take every edge of a tied run")
         if big < runs.size.numel():  # a large run (the random baseline's): ordered with tensors (_cascade)
             o, n = int(runs.offset[big]), int(runs.size[big])
-            replayed[o:o + n] = False
-            _order_large_run(layout, order, runs.at[o:o + n], members[o:o + n], src[o:o + n], tgt[o:o + n],
-                             weight[o:o + n], canon[o:o + n], neg_sb, node_B, reach, float(lam[big]),
+            _order_large_run(layout, order, members[o:o + n], src[o:o + n], tgt[o:o + n],
+                             weight[o:o + n], canon[o:o + n], first, node_B, reach, float(lam[big]),
                              int(runs.start[big]), cut_t)
         r = big + 1
-    order[runs.at[replayed]] = out[replayed]
     return order[:n_max]
 
 
-def _order_large_run(layout: EdgeLayout, order: Tensor, at: Tensor, members: Tensor, src: Tensor, tgt: Tensor,
-                     weight: Tensor, canon: Tensor, neg_sb: Tensor, node_B: Tensor, reach: Tensor,
+def _order_large_run(layout: EdgeLayout, order: Tensor, members: Tensor, src: Tensor, tgt: Tensor,
+                     weight: Tensor, canon: Tensor, first: Tensor, node_B: Tensor, reach: Tensor,
                      lam: float, s0: int, cuts: Tensor | None) -> None:
     """Order one large tied run in place (§4, :mod:`tl_strace.search._cascade`): the nodes reached
     before it are those of ``B > lam`` (§2), at the positions of §3; the nodes it reaches are added
     to ``reach`` (per node, :data:`~tl_strace.search._replay.UNSET` where no tied run reached it)."""
     reached = node_B > lam
     # Where each node reached before the run was reached (§3): recorded if inside a tied run, else
-    # the single edge of bottleneck B(v); the output node's in-edges were pushed first (-1).
-    reach_pos = torch.searchsorted(neg_sb, (-node_B).to(neg_sb.dtype).contiguous(), side="left")
+    # the single edge of bottleneck B(v) (``first``); the output node's in-edges were pushed first (-1).
+    reach_pos = first.clone()
     known = reach != UNSET
     reach_pos[known] = reach[known]
     reach_pos[layout.output_node] = -1
     popped, new_nodes = order_run(src, tgt, weight, canon, layout.n_pos, lam, reached, reach_pos, s0, cuts)
-    order[at] = members[popped]
+    order[s0:s0 + members.numel()] = members[popped]
     reach[new_nodes] = reach_pos[new_nodes]
 
 
@@ -272,5 +314,6 @@ def strace_strata(graph: Graph, sizes: Sequence[float] | None = None) -> Strata:
     counts = target_counts(sizes, graph.n_edges)
     # The full graph needs no search: run the heap only up to the largest partial target.
     partial = [c for c in counts if c < graph.n_edges]
-    order = strace_order(graph, max(partial) if partial else 0)
-    return _strata_from_order("strace", graph, order, sizes, counts, sizes)
+    # The order is let go once ranked, before the labels are made (issue 17: memory per edge).
+    rank = rank_of(strace_order(graph, max(partial) if partial else 0), graph.layout.size)
+    return _strata_from_rank("strace", graph, rank, sizes, counts, sizes)
