@@ -4,10 +4,10 @@ A token-level :func:`tl_strace.strace` call holds three kinds of data:
 
 * **edge space** — per slot of the flat edge space (``S = L·H·T²`` slots for ``L`` layers, ``H``
   heads, ``T`` tokens): the clean attention patterns, the edge weights and ancestor mask, the
-  search's bottlenecks, sort order and ranks, the strata labels and their int16 copy for the masked
+  search's sort keys, order and ranks, the strata labels and their int16 copy for the masked
   forwards. With their transients at the worst moment (the search) that is at most
   :data:`EDGE_SLOT_BYTES` bytes per slot, plus :data:`RANDOM_SLOT_BYTES` when the *random*
-  condition adds a second set of strata; always on the CPU, whatever the model's dtype;
+  condition adds a second search; always on the CPU, whatever the model's dtype;
 * **clean activations** — the float32 copies the graph is built from: four residual streams per
   block, the head outputs ``v·W_O`` (``H`` vectors per position), a float32 copy of ``W_O`` and the
   clean run's logits at every position: ``4·(L·T·d_model·(H + 8) + L·H·d_head·d_model + T·d_vocab)``
@@ -18,7 +18,7 @@ A token-level :func:`tl_strace.strace` call holds three kinds of data:
 
 plus :data:`OVERHEAD_BYTES` of small tensors and allocator slack. The estimate is their sum::
 
-    estimate = (56 + 96·[random])·L·H·T² + 4·(L·T·d_model·(H + 8) + L·H·d_head·d_model + T·d_vocab)
+    estimate = (24 + 52·[random])·L·H·T² + 4·(L·T·d_model·(H + 8) + L·H·d_head·d_model + T·d_vocab)
                + rows·bytes_per_row(T) + 64 MiB
 
 It is an upper bound, not a prediction: ``benchmarks/bench_memory.py`` measures the peak resident
@@ -51,17 +51,26 @@ from tl_strace.model import ModelSpec
 __all__ = ["DEFAULT_ROWS_BUDGET", "EDGE_SLOT_BYTES", "OVERHEAD_BYTES", "PATTERN_SLOT_BYTES", "RANDOM_SLOT_BYTES",
            "MemoryEstimate", "available_memory", "estimate_memory", "rows_for_budget"]
 
-EDGE_SLOT_BYTES = 56
-"""Peak bytes per edge slot (``L·H·T²`` slots) held by the graph, the search and the strata."""
+EDGE_SLOT_BYTES = 24
+"""Peak bytes per edge slot (``L·H·T²`` slots) held by the graph, the search and the strata.
 
-RANDOM_SLOT_BYTES = 96
+Measured on SmolLM2-135M (``benchmarks/bench_memory.py``, and stage by stage at 580 and 1,024
+tokens): the weights (float32) and ancestor mask stay for the whole call (5 bytes per slot); on top
+of them the clean patterns and the weights being filled (the graph stage), the search's 64-bit sort
+keys, order and tied-run arrays, then the ranks and labels (int32) and the masks' int16 copy. The
+worst stage measured 20.3 bytes per slot at 1,024 tokens (the search). It was 56 while the
+bottlenecks, ids and sort copies were dense tensors over the edge space (issue 17)."""
+
+RANDOM_SLOT_BYTES = 52
 """Extra bytes per edge slot when the *random* condition is evaluated: the same search on float64
-uniform weights, where most edges tie in a few huge runs, ordered with tensors and only where a
-stratum's count cuts them (:mod:`tl_strace.search._cascade`, ``strace_order`` §5). Measured alone
-(``benchmarks/bench_search.py``, SmolLM2's shape): 31, 61 and 85 bytes per slot at 128, 256 and
-512 tokens (the huge runs' share of the edges grows with length); it was 128 while those runs were
-replayed as Python lists (137 measured at 256 tokens). ``benchmarks/bench_memory.py`` checks the
-whole bound on real calls."""
+uniform weights (a dense float64 weight tensor, compact float64 bottlenecks sorted by
+``torch.sort``), where most edges tie in a few huge runs, ordered with tensors only where a
+stratum's count cuts them (:mod:`tl_strace.search._cascade`, ``strace_order`` §5). Its peak is
+the cascade's tensors over the largest run, so it depends on how many edges the draw puts there:
+measured on SmolLM2 (the random search alone, above the graph and s-Trace's strata) 52.8 bytes per
+slot at 400 tokens, 30.3-46.6 at 512 over three seeds, 23.5 at 700, 23.6 at 1,024; with the 13
+bytes held around it that is at most 66 of the 24 + 52 allowed. It was 96 (the whole call measured
+99 at 512 tokens) before the compact sort and the int32 member arrays (issue 17)."""
 
 PATTERN_SLOT_BYTES = 8
 """Bytes per slot a component-level call holds: the clean attention patterns and one transient."""
