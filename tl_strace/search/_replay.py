@@ -265,10 +265,8 @@ def unpack_sort_keys(keys: np.ndarray, bits: np.ndarray) -> None:
 
 @_compiled
 @no_type_check  # compiled: the test suite's jaxtyping import hook must leave it alone
-def tied_run_bounds(values: np.ndarray, n_max: int) -> tuple:
-    """``(start, size)`` (int64) of every run of equal consecutive ``values`` with more than one
-    member that starts before ``n_max``: two passes over the sorted values and nothing per edge
-    (a tensor version holds several int64 arrays over every edge, nearly all singleton runs)."""
+def _scan_runs(values: np.ndarray, n_max: int, start: np.ndarray, size: np.ndarray, write: bool) -> int:
+    """Count the runs of :func:`tied_run_bounds` (and, with ``write``, store their bounds)."""
     n = values.shape[0]
     count = 0
     i = 0
@@ -277,21 +275,22 @@ def tied_run_bounds(values: np.ndarray, n_max: int) -> tuple:
         while j < n and values[j] == values[i]:
             j += 1
         if j - i > 1:
+            if write:
+                start[count] = i
+                size[count] = j - i
             count += 1
         i = j
-    start = np.empty(count, dtype=np.int64)
-    size = np.empty(count, dtype=np.int64)
-    r = 0
-    i = 0
-    while i < n and i < n_max:
-        j = i + 1
-        while j < n and values[j] == values[i]:
-            j += 1
-        if j - i > 1:
-            start[r] = i
-            size[r] = j - i
-            r += 1
-        i = j
+    return count
+
+
+def tied_run_bounds(values: np.ndarray, n_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(start, size)`` (int64) of every run of equal consecutive ``values`` with more than one
+    member that starts before ``n_max``: two compiled passes over the sorted values and nothing per
+    edge (a tensor version holds several int64 arrays over every edge, nearly all singleton runs)."""
+    none = np.empty(0, dtype=np.int64)
+    count = _scan_runs(values, int(n_max), none, none, False)
+    start, size = np.empty(count, dtype=np.int64), np.empty(count, dtype=np.int64)
+    _scan_runs(values, int(n_max), start, size, True)
     return start, size
 
 
