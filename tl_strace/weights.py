@@ -65,16 +65,24 @@ def _causal(vec: NodeVectors) -> Tensor:
     return torch.ones(T, T, dtype=vec.pattern.dtype, device=vec.pattern.device).tril().expand(L, H, T, T)
 
 
-def _l1_layer(vec: NodeVectors, l: int, vo_l1: Tensor, causal: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The L1 weights of block ``l`` (``vo_l1``: ``‖vo‖₁`` of every block, ``[L, S, H]``; ``causal``:
-    ``[H, T, T]``): attention ``[H, T, T]`` and the three token-local edge types ``[T]``."""
+def _l1_scores(vec: NodeVectors) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The unnormalised L1 scores that are not per edge slot, over every block at once (cheap:
+    ``[L, …]`` vectors): ``‖vo‖₁`` ``[L, S, H]`` and the token-local edges' ``‖·‖₁`` ``[L, T]``
+    (``res_mlp`` is None in parallel blocks). Reduced over whole tensors, as always, so they round
+    the same whatever the device splits a reduction by."""
+    res_mlp = None if vec.parallel else vec.resid_mid.abs().sum(-1)
+    return vec.vo.abs().sum(-1), vec.resid_pre.abs().sum(-1), vec.mlp_out.abs().sum(-1), res_mlp
+
+
+def _l1_layer(vec: NodeVectors, l: int, scores: tuple[Tensor, Tensor, Tensor, Tensor | None], causal: Tensor
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The L1 weights of block ``l`` (``scores``: :func:`_l1_scores`; ``causal``: ``[H, T, T]``):
+    attention ``[1, H, T, T]`` and the three token-local edge types ``[1, T]``."""
+    vo_l1, res_attn, mlp, res_mlp = scores
     attn = vec.pattern[l] * vo_l1[l].permute(1, 0)[:, None, :]  # [H, T, S]
-    res_attn = vec.resid_pre[l].abs().sum(-1)
-    mlp = vec.mlp_out[l].abs().sum(-1)
-    if vec.parallel:
-        return _normalise_parallel(attn[None], res_attn[None], mlp[None], causal[None])
-    res_mlp = vec.resid_mid[l].abs().sum(-1)
-    return _normalise(attn[None], res_attn[None], mlp[None], res_mlp[None], causal[None])
+    if res_mlp is None:
+        return _normalise_parallel(attn[None], res_attn[l, None], mlp[l, None], causal[None])
+    return _normalise(attn[None], res_attn[l, None], mlp[l, None], res_mlp[l, None], causal[None])
 
 
 def l1_weights(vec: NodeVectors) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -83,8 +91,9 @@ def l1_weights(vec: NodeVectors) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     Computed one block at a time (:func:`_l1_layer`; :func:`compute_weights` writes each block
     straight into the flat edge space, so only one block's transients exist at a time)."""
     L, H, T, _ = vec.pattern.shape
-    out = [torch.empty(L, H, T, T, dtype=vec.pattern.dtype, device=vec.pattern.device)] + [
-        torch.empty(L, T, dtype=vec.pattern.dtype, device=vec.pattern.device) for _ in range(3)]
+    dt = torch.promote_types(vec.pattern.dtype, vec.vo.dtype)
+    out = [torch.empty(L, H, T, T, dtype=dt, device=vec.pattern.device)] + [
+        torch.empty(L, T, dtype=dt, device=vec.pattern.device) for _ in range(3)]
     _l1_into(vec, out)
     return out[0], out[1], out[2], out[3]
 
@@ -93,10 +102,10 @@ def _l1_into(vec: NodeVectors, out: Sequence[Tensor]) -> None:
     """Write the L1 weights of every block into ``out`` (four tensors shaped as :func:`l1_weights`'
     result, on any device: each block is computed where the vectors are and copied)."""
     L, H, T, _ = vec.pattern.shape
-    vo_l1 = vec.vo.abs().sum(-1)  # [L, S, H]
+    scores = _l1_scores(vec)
     causal = torch.ones(T, T, dtype=vec.pattern.dtype, device=vec.pattern.device).tril().expand(H, T, T)
     for l in range(L):
-        for dst, block in zip(out, _l1_layer(vec, l, vo_l1, causal)):
+        for dst, block in zip(out, _l1_layer(vec, l, scores, causal)):
             dst[l].copy_(block[0])
 
 

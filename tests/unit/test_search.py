@@ -283,14 +283,21 @@ def test_sorted_bottlenecks_equal_a_stable_sort_of_the_dense_bottlenecks(dtype, 
         assert torch.equal(got_B, node_B)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("seed", range(12))
-def test_fast_search_on_float32_weights_equals_plain_heap(seed):
+def test_fast_search_on_narrow_float_weights_equals_plain_heap(seed, dtype):
     """Real graphs' weights are float32, whose bottlenecks are sorted as packed keys (strace §4):
-    the order is still the plain heap's, ties included (few distinct levels, zero weights)."""
+    the order is still the plain heap's, ties included (few distinct levels, zero weights). A graph
+    built by hand in float16 / bfloat16 takes the compact path, its values widened exactly for the
+    compiled loops (neither NumPy nor numba takes those dtypes); with cuts too."""
     L, H, T = 1 + seed % 3, 1 + seed % 4, 2 + seed % 7
     graph = random_graph(L, H, T, seed, levels=[None, 3, 1, 8][seed % 4], parallel=bool(seed % 5 == 4))
-    graph = Graph(graph.layout, graph.weights.float(), graph.valid)
-    assert strace_order(graph).tolist() == reference_strace_order(graph).tolist()
+    graph = Graph(graph.layout, graph.weights.to(dtype), graph.valid)
+    ref = reference_strace_order(graph).tolist()
+    assert strace_order(graph).tolist() == ref
+    cuts = sorted({max(1, graph.n_edges // 5), graph.n_edges // 2})
+    got = strace_order(graph, max(cuts), cuts=cuts).tolist()
+    assert all(set(got[:c]) == set(ref[:c]) for c in cuts)
 
 
 def test_compiled_edge_nodes_equal_the_layouts_decoding():

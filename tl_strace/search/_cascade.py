@@ -46,7 +46,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tl_strace.search._replay import heap_order, tied_run_bounds
+from tl_strace.search._replay import exact_numpy, heap_order, tied_run_bounds
 
 SMALL = 2048
 """Sub-problems with at most this many members are ordered by the plain heap (:func:`_heap`)."""
@@ -163,7 +163,7 @@ def _order(st: _State, idx: Tensor, base: int) -> Tensor:
     del b
     idx = idx[srt]
     del srt
-    starts, sizes = tied_run_bounds(neg_b.numpy(), idx.numel())  # runs of more than one member
+    starts, sizes = tied_run_bounds(exact_numpy(neg_b), idx.numel())  # runs of more than one member
     out = idx.clone()
     done = 0  # sorted positions before `done` are final and marked
     for s0, n in zip(starts.tolist(), sizes.tolist()):

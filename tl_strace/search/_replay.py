@@ -27,7 +27,17 @@ from collections.abc import Callable
 from typing import Any, no_type_check
 
 import numpy as np
+import torch
 from numba import njit
+
+def exact_numpy(x: Any) -> np.ndarray:
+    """A CPU tensor as the NumPy array the compiled loops take: float32, float64 and integer
+    tensors as they are (no copy), other floats (float16, bfloat16: neither NumPy nor numba takes
+    them) widened to float64, which is exact, so comparisons are unchanged."""
+    if x.is_floating_point() and x.dtype not in (torch.float32, torch.float64):
+        x = x.double()
+    return x.numpy()
+
 
 UNSET = -2
 """``reach[v]`` for a node no tied run has reached (the output node's in-edges use -1)."""

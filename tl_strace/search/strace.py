@@ -83,7 +83,7 @@ from torch import Tensor
 
 from tl_strace.graph import EdgeLayout, EdgeType, Graph
 from tl_strace.search._cascade import SMALL, order_run
-from tl_strace.search._replay import (UNSET, distinct_within_runs, pack_sort_keys_at, replay_runs,
+from tl_strace.search._replay import (UNSET, distinct_within_runs, exact_numpy, pack_sort_keys_at, replay_runs,
                                       tied_run_bounds, unpack_sort_keys, edge_nodes, gather_runs)
 from tl_strace.search._strata import Strata, _strata_from_rank, check_sizes, rank_of, target_counts
 
@@ -219,7 +219,7 @@ class _TiedRuns(NamedTuple):
 def _tied_runs(neg_b_sorted: Tensor, n_max: int, cuts: Tensor | None = None) -> _TiedRuns:
     """Bounds of the tied runs of the sorted (negated) bottlenecks; no Python step per edge. With
     ``cuts`` (sorted positions), only the runs a cut falls strictly inside."""
-    start_np, size_np = tied_run_bounds(neg_b_sorted.numpy(), n_max)
+    start_np, size_np = tied_run_bounds(exact_numpy(neg_b_sorted), n_max)
     start, size = torch.from_numpy(start_np), torch.from_numpy(size_np)
     if cuts is not None:
         keep = _straddles(cuts, start, start + size)
@@ -257,7 +257,7 @@ def strace_order(graph: Graph, n_max: int | None = None, *, cuts: Sequence[int] 
     members = torch.empty(int(runs.size.sum()), dtype=order.dtype)
     gather_runs(order.numpy(), runs.start.numpy(), runs.size.numpy(), runs.offset.numpy(), members.numpy())
     weight = graph.weights[members]
-    w_np = weight.numpy()  # the compiled loops compare in float64 (exact for float32 weights)
+    w_np = exact_numpy(weight)  # the compiled loops compare in float64 (exact for every float dtype)
     if cut_t is not None and not distinct_within_runs(runs.offset.numpy(), runs.size.numpy(), w_np):
         del neg_sb, order, members, weight, w_np  # not held through the second search
         return strace_order(graph, n_max)  # equal weights make tie keys matter (§5): order exactly
