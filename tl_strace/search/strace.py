@@ -85,7 +85,7 @@ from tl_strace.graph import EdgeLayout, EdgeType, Graph
 from tl_strace.search._cascade import SMALL, order_run
 from tl_strace.search._replay import (UNSET, distinct_within_runs, exact_numpy, pack_sort_keys_at, replay_runs,
                                       tied_run_bounds, unpack_sort_keys, edge_nodes, gather_runs)
-from tl_strace.search._strata import Strata, _strata_from_rank, check_sizes, rank_of, target_counts
+from tl_strace.search._strata import _SLICE, Strata, _strata_from_rank, check_sizes, rank_of, target_counts
 
 _TENSOR_RUN = 1 << 16
 """Tied runs with more members than this are ordered with tensors (:mod:`tl_strace.search._cascade`),
@@ -117,19 +117,15 @@ def _bottleneck_blocks(graph: Graph, emit: Callable[[EdgeType, int, Tensor], Non
         B_post = node_B[2 * l + 2]
         if layout.parallel:  # every in-edge of block node (2l+2, t) leaves a node of layer 2l
             b_m, b_ra = local(B_post, w_m[l], valid_m[l]), local(B_post, w_ra[l], valid_ra[l])
+            b_rm = torch.full_like(b_m, neg)  # no such edge
             b_a = torch.minimum(B_post[None, :, None], w_a[l]).masked_fill_(~valid_a[l], neg)
             node_B[2 * l] = torch.maximum(torch.maximum(b_ra, b_m), b_a.amax(dim=(0, 1)))
-            emit(EdgeType.ATTN, l, b_a)
-            del b_a
-            emit(EdgeType.RES_ATTN, l, b_ra)
-            emit(EdgeType.MLP, l, b_m)
-            emit(EdgeType.RES_MLP, l, torch.full_like(b_m, neg))
-            continue
-        b_m, b_rm = local(B_post, w_m[l], valid_m[l]), local(B_post, w_rm[l], valid_rm[l])
-        node_B[2 * l + 1] = B_mid = torch.maximum(b_m, b_rm)  # both leave node (2l+1, t)
-        b_ra = local(B_mid, w_ra[l], valid_ra[l])
-        b_a = torch.minimum(B_mid[None, :, None], w_a[l]).masked_fill_(~valid_a[l], neg)
-        node_B[2 * l] = torch.maximum(b_ra, b_a.amax(dim=(0, 1)))  # node (2l, s)
+        else:
+            b_m, b_rm = local(B_post, w_m[l], valid_m[l]), local(B_post, w_rm[l], valid_rm[l])
+            node_B[2 * l + 1] = B_mid = torch.maximum(b_m, b_rm)  # both leave node (2l+1, t)
+            b_ra = local(B_mid, w_ra[l], valid_ra[l])
+            b_a = torch.minimum(B_mid[None, :, None], w_a[l]).masked_fill_(~valid_a[l], neg)
+            node_B[2 * l] = torch.maximum(b_ra, b_a.amax(dim=(0, 1)))  # node (2l, s)
         emit(EdgeType.ATTN, l, b_a)
         del b_a
         emit(EdgeType.RES_ATTN, l, b_ra)
@@ -198,8 +194,8 @@ def sorted_bottlenecks(graph: Graph) -> tuple[Float[Tensor, "edge_sorted"], Int[
         neg_sb, order = torch.sort(vals, stable=True)
         del vals
         ids = torch.nonzero(graph.valid).flatten()
-        for a in range(0, n, 1 << 22):  # positions among the edges -> edge ids, in place
-            order[a:a + (1 << 22)] = ids[order[a:a + (1 << 22)]]
+        for a in range(0, n, _SLICE):  # positions among the edges -> edge ids, in place
+            order[a:a + _SLICE] = ids[order[a:a + _SLICE]]
         return neg_sb, order, node_B
     keys.sort()
     bits = np.empty(keys.size, dtype=np.int32)
