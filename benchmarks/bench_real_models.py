@@ -76,7 +76,7 @@ def measure(name: str, *, fresh: bool) -> dict[str, Any]:
         density=round(float(res.density), 3),
         full_top_token=res.full_top_strs[0],
         top_token_returns_at=top_token_size(res),
-        tv_at_full=float(only[-1]),
+        tv_at_full=float(res.full_graph_tv),  # the full graph against the clean forward (curves: 0 at s = 1)
         tv_only_vs_random_in_band=band,
         beats_random_in_band=sum(a < b for _, a, b in band),
         band_sizes=len(band),

@@ -18,6 +18,7 @@ from torch import Tensor
 from tl_strace._version import __version__
 from tl_strace.ablation import CONDITIONS, MaskRow, TokenMasks, masked_logprobs, verify_attention_masking
 from tl_strace.engine import evaluate
+from tl_strace.metrics import total_variation
 from tl_strace import options
 from tl_strace.graph import EdgeLayout, Graph, check_decomposition, node_vectors
 from tl_strace.memory import rows_for_budget
@@ -268,7 +269,7 @@ def trace_prepared(model: Any, spec: ModelSpec, opts: options.TraceOptions, prep
     del tables  # the masks hold their int16 copy; the random labels are not needed past here
     bar.stage("evaluate")
     bar.rows(len(rows))
-    m = evaluate(model, spec, tokens, masks, clean=full, logit_scale=prepared.logit_scale,
+    m, reference = evaluate(model, spec, tokens, masks, clean=full, logit_scale=prepared.logit_scale,
                  full_row=conds.index("only") * U + int(slot[K - 1]), chunk=chunk, target=tgt, top_k=opts.top_k,
                  shape=(len(conds), U), on_rows=bar.advance)
     if U < K:
@@ -299,5 +300,6 @@ def trace_prepared(model: Any, spec: ModelSpec, opts: options.TraceOptions, prep
         rank=strata.rank,
         weights=graph.weights.float(),
         timings=timings,
-        **measured_fields(model, tokens, tgt, m, full, opts.top_k),
+        **measured_fields(model, tokens, tgt, m, reference, opts.top_k),
+        full_graph_tv=float(total_variation(full, reference[None].to(full.device))[0]),
     )

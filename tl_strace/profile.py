@@ -110,8 +110,10 @@ def density_profile(
     causal), and everything after it is the code :func:`~tl_strace.strace` runs. The slice can differ
     from a forward on the prefix by float rounding only (a longer sequence may take another
     reduction order): measured on SmolLM2, the strata are identical, edges whose weights tie to ~1e-8
-    may swap places in the search order inside a stratum, and TV moves by up to 3.5e-6 (see the
-    README); ``shared_forward=False`` gives bit-identical results.
+    may swap places in the search order inside a stratum. The curves, top tokens and densities are
+    equal bit for bit: they are measured on the prefix itself against the full graph's row of the
+    same masked forwards (:func:`tl_strace.engine.evaluate`). ``shared_forward=False`` gives
+    bit-identical results, the search order included.
 
     Args:
         model: as for :func:`~tl_strace.strace`.

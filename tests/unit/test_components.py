@@ -133,8 +133,26 @@ def test_keeping_every_component_reproduces_the_logits(tiny_model):
         got = evaluate_components(tiny_model, TOKENS, [spec_names], **kw)[0]
         assert (got - want).abs().max() < 1e-5
     res = component_strace(tiny_model, TOKENS, scorer="l1")
-    assert float(res.tv[-1]) < 1e-5 and int(res.counts[-1]) == res.n_components
+    assert float(res.full_graph_tv) < 1e-5 and int(res.counts[-1]) == res.n_components
     assert _attached_hooks(tiny_model) == []
+
+
+def test_the_full_row_is_the_model_bit_for_bit_under_mean_ablation(llama_model):
+    """Keeping every component is an exact identity under both ablations (x·1 + mean·0), so the
+    row that keeps everything (the curves' reference) does not depend on the ablation; the old
+    abl + 1·(x − abl) rounded it by 4.8e-7 in a log-prob on this model."""
+    from tl_strace.components.ablate import Ablation, component_logprobs
+    from tl_strace.model import model_guard
+
+    spec = describe_model(llama_model)
+    means = compute_means(llama_model, ["w3 w4 w5 w6", "w7 w8 w9 w10 w11"])
+    space = ComponentSpace(spec.n_layers, spec.n_heads, len(TOKENS))
+    rows = []
+    with model_guard(llama_model):
+        for abl in (Ablation("zero"), Ablation.build(spec, len(TOKENS), "mean", means, "agnostic", model=llama_model)):
+            rows.append(next(component_logprobs(llama_model, spec, TOKENS, space, torch.ones(1, space.size), abl,
+                                                chunk=1))[0])
+    assert torch.equal(rows[0], rows[1])
 
 
 def test_ablating_every_component_equals_the_hand_written_forward(peaked_gpt2):

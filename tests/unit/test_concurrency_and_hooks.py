@@ -119,7 +119,7 @@ def test_a_call_on_another_model_is_not_blocked(gpt2_model, llama_model):
 def test_nested_use_in_one_thread_does_not_deadlock(gpt2_model):
     with exclusive(gpt2_model), exclusive(gpt2_model):
         res = ts.strace(gpt2_model, TOKS, sizes=SIZES)
-    assert float(res.tv[-1]) <= 1e-6
+    assert float(res.full_graph_tv) <= 1e-6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ def test_a_raw_hook_on_a_submodule_is_refused_before_any_forward(gpt2_model, kin
     finally:
         handle.remove()
     # The model is left usable afterwards.
-    assert float(ts.strace(gpt2_model, TOKS, sizes=SIZES).tv[-1]) <= 1e-6
+    assert float(ts.strace(gpt2_model, TOKS, sizes=SIZES).full_graph_tv) <= 1e-6
 
 
 def test_a_global_module_hook_is_refused(gpt2_model):
@@ -177,7 +177,7 @@ def test_a_freshly_loaded_model_is_accepted_after_many_kinds_of_calls(tiny_model
     tiny_model.run_with_cache(TOKS[None])
     for _ in range(2):  # accepted, and exact, on the first call and again after one
         res = ts.strace(tiny_model, TOKS, sizes=SIZES)
-        assert float(res.tv[-1]) <= 1e-6  # TV in [0, 1]; the full graph reproduces the model
+        assert float(res.full_graph_tv) <= 1e-6  # TV in [0, 1]; the full graph reproduces the model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +224,7 @@ def test_a_hidden_patch_that_breaks_the_full_graph_is_detected(gpt2_model, metho
             ts.strace(gpt2_model, TOKS, method=method, **kwargs)
     assert "\n" not in str(exc.value)
     # Unpatched, the same call works and its full graph is the clean model.
-    assert float(ts.strace(gpt2_model, TOKS, method=method, **kwargs).tv[-1]) <= 1e-6
+    assert float(ts.strace(gpt2_model, TOKS, method=method, **kwargs).full_graph_tv) <= 1e-6
 
 
 def test_a_hidden_patch_is_detected_by_component_strace(gpt2_model):

@@ -72,7 +72,7 @@ def test_parallel_blocks_are_traced_on_the_bridge(name, tiny_tokenizer_dir):
     model = tiny_bridge(name, tiny_tokenizer_dir)
     res = ts.strace(model, TOKS, sizes=[0.5, 1.0], conditions=("only",))
     assert res.model["block_kind"] == "parallel"
-    assert abs(float(res.tv_all[0, -1])) <= 1e-6  # the full graph is the model (float32 rounding ~1e-7)
+    assert float(res.full_graph_tv) <= 1e-6  # the full graph is the model (float32 rounding ~1e-7)
 
 
 def test_training_mode_is_refused_and_left_alone(gpt2_model, before):

@@ -79,7 +79,7 @@ def test_a_removed_checksum_on_a_new_result_is_damage(res, tmp_path):
     p = tmp_path / "r.st"
     res.save(p)
     raw, tensors = _raw(p)
-    assert raw[FORMAT_KEY] == "2" and json.loads(raw["tl_strace"])["format_version"] == 3
+    assert raw[FORMAT_KEY] == "2" and json.loads(raw["tl_strace"])["format_version"] == 4
     meta = json.loads(raw["tl_strace"])
     meta["str_tokens"][1] = "edited"  # a half-edit: the content changed and the checksum dropped
     for metadata in ({"tl_strace": json.dumps(meta)}, {"tl_strace": json.dumps(meta), FORMAT_KEY: "2"}):
@@ -276,3 +276,30 @@ def test_a_target_word_the_tokenizer_does_not_know_is_refused(gpt2_model):
     assert r.target == gpt2_model.tokenizer.unk_token_id
     assert ts.strace(gpt2_model, "w2 w3 w4", target="w5", conditions=("only",), sizes=[0.5]).target == 5
     assert not math.isnan(r.full_ce)
+
+
+# ------------------------------------------------------------------ format 4: full_graph_tv
+def test_full_graph_tv_is_required_from_format_4_and_nan_before(res, tmp_path):
+    """Format 4 added ``full_graph_tv``: a format-3 file without it loads (NaN, it was not kept),
+    a format-4 file without it, or with a value that is no probability mass, is damage."""
+    p = tmp_path / "r.st"
+    res.save(p)
+    assert 0.0 <= load_result_raw(p).full_graph_tv <= 1e-5  # the full graph is the model (float32 rounding)
+
+    def drop(version):
+        def edit(meta):
+            meta.pop("full_graph_tv")
+            meta["format_version"] = version
+        return edit
+
+    _reseal(p, "tl_strace", edit_meta=drop(3))
+    assert math.isnan(load_result_raw(p).full_graph_tv)
+    res.save(p)
+    _reseal(p, "tl_strace", edit_meta=drop(4))
+    with pytest.raises(ResultsError, match="full_graph_tv"):
+        load_result_raw(p)
+    for bad in (-0.1, 1.5, "0.1"):
+        res.save(p)
+        _reseal(p, "tl_strace", edit_meta=lambda meta, bad=bad: meta.update(full_graph_tv=bad))
+        with pytest.raises(ResultsError, match="full_graph_tv"):
+            load_result_raw(p)

@@ -190,7 +190,7 @@ def test_strace_is_exact_at_full_size(parallel):
     _, bridge, _ = parallel
     res = ts.strace(bridge, torch.tensor(TOKENS), sizes=[0.05, 0.2, 1.0])
     assert res.n_edges == _layout(describe_model(bridge)).n_edges_formula() == 522
-    assert abs(float(res.tv_all[0, -1])) <= 1e-6
+    assert float(res.full_graph_tv) <= 1e-6
     assert bool(res.reaches_input_all[0, -1])
     assert res.density > 0
     ts.project_trace(res)  # the component projection follows the graph
@@ -259,7 +259,7 @@ def test_skip_edge_removal_keeps_the_sublayers_reading_the_block_input(parallel)
 def test_component_strace_is_exact_at_full_size(parallel):
     _, bridge, _ = parallel
     res = ts.component_strace(bridge, torch.tensor(TOKENS), sizes=[0.25, 1.0])
-    assert abs(float(res.tv_all[0, -1])) <= 1e-6
+    assert float(res.full_graph_tv) <= 1e-6
 
 
 def test_circuit_view_renders_a_parallel_result(parallel):

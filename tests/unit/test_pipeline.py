@@ -26,7 +26,7 @@ def test_result_shapes_and_invariants(res):
     assert res.conditions == ("only", "random", "inverse")
     assert res.tv_all.shape == (3, K) and res.top_ids.shape == (3, K, 5)
     assert res.counts.tolist() == target_counts(ts.DEFAULT_SIZES, res.n_edges)
-    assert float(res.tv[-1]) <= 1e-6 and float(res.nucleus[-1]) == 99.0
+    assert float(res.full_graph_tv) <= 1e-6 and float(res.nucleus[-1]) == 99.0
     assert float(res.curve("tv", "random")[-1]) <= 1e-6  # the random subgraph at s = 1 is the full graph
     assert bool(((res.tv_all >= 0) & (res.tv_all <= 1)).all())
     assert math.isfinite(res.density) and 0 <= res.density <= 5
@@ -106,7 +106,7 @@ def test_paper_a_methods_run_end_to_end(gpt2_model, method):
     r = ts.strace(gpt2_model, TOKS, method=method, conditions=["only"])
     assert r.config["method"] == method
     assert torch.all(r.sizes[1:] >= r.sizes[:-1]) and float(r.sizes[-1]) == 1.0
-    assert float(r.tv[-1]) <= 1e-6
+    assert float(r.full_graph_tv) <= 1e-6
 
 
 def test_ifr_weights_are_local_and_run(llama_model):
@@ -199,3 +199,38 @@ def test_strata_of_equal_count_share_one_masked_row(gpt2_model, monkeypatch):
     clean = torch.log_softmax(gpt2_model(tokens[None])[0, -1].float(), -1)
     # TV is a probability mass (<= 1); float32 rounding of another batch composition is ~1e-7
     torch.testing.assert_close(res.tv_all[0], total_variation(clean, logp).float(), atol=1e-5, rtol=0)
+
+
+def test_curves_are_measured_against_the_full_graph_row_of_the_same_forwards(gpt2_model):
+    """The reference of every row's TV/KL is the full graph's row (every mask an exact identity),
+    evaluated first whichever chunk holds it; the other chunks' numbers are the ones a plain
+    in-order pass gives, reassembled in row order. Fails if the reference were the separately
+    shaped clean forward (the full stratum's TV would be rounding, not 0) or if the chunks were
+    put back out of order."""
+    from tl_strace.ablation import MaskRow, TokenMasks
+    from tl_strace.engine import evaluate, masked_forwards
+    from tl_strace.metrics import row_metrics
+    from tl_strace.model import describe_model, model_guard
+
+    tokens = torch.tensor([0, 5, 17, 3, 42, 8, 9, 23])
+    res = ts.strace(gpt2_model, tokens, sizes=[1e-3, 1e-2, 0.1, 0.3, 0.6], conditions=("only", "random"))
+    full = len(res.sizes) - 1
+    assert float(res.tv_all[0, full]) == 0.0 and float(res.kl_all[0, full]) == 0.0
+    spec = describe_model(gpt2_model)
+    K = len(res.sizes)
+    rows = [MaskRow(table=0, k=k) for k in range(K)] + [MaskRow(table=0, k=k, inverse=True) for k in range(K)]
+    clean = torch.log_softmax(gpt2_model(tokens[None])[0, -1].float(), -1)
+    scale = float(gpt2_model(tokens[None])[0, -1].abs().max())
+    # the full graph's row (stratum K-1, not inverse) first, in the middle or last of its chunk
+    for order, chunk in [(rows, 3), (rows, 4), (rows[::-1], 5), (rows, 1), (rows[::-1], 2 * K)]:
+        masks = TokenMasks(spec, res.layout, [res.labels], order, device=tokens.device)
+        full_row = order.index(MaskRow(table=0, k=K - 1))
+        with model_guard(gpt2_model):
+            m, ref = evaluate(gpt2_model, spec, tokens, masks, clean=clean, logit_scale=scale, full_row=full_row,
+                              chunk=chunk, target=3, top_k=4, shape=(2, K))
+            plain = torch.cat(list(masked_forwards(gpt2_model, spec, tokens, masks, chunk=chunk)))
+        assert torch.equal(ref, plain[full_row])
+        want = row_metrics(plain[full_row], plain, 3, 4)
+        for name, v in want.items():
+            assert torch.equal(m[name], v.reshape(2, K, *v.shape[1:])), (full_row, chunk, name)
+        assert torch.equal(m["tv"].flatten()[full_row], torch.tensor(0.0))

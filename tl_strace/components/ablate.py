@@ -85,7 +85,9 @@ class _MixHook:
 
     def __call__(self, x: Tensor, hook: Any) -> Tensor:
         k = self.keep.to(x.dtype)
-        return x * k if self.abl is None else self.abl + k * (x - self.abl)
+        # x·k + abl·(1 − k): exactly x where k = 1 and exactly abl where k = 0 (abl + k·(x − abl)
+        # rounds at k = 1), so a row keeping every component is the model's own output, bit for bit
+        return x * k if self.abl is None else x * k + self.abl * (1 - k)
 
 
 def _component_hooks(spec: ModelSpec, grid: Tensor, abl: Ablation) -> list[tuple[str, Any]]:

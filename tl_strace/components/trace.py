@@ -178,7 +178,7 @@ def component_strace(
         masks = ComponentMasks(spec, space, torch.cat(rows), abl, device=tokens.device, dtype=model_dtype(model))
         bar.stage("evaluate")
         bar.rows(masks.n_rows)
-        m = evaluate(model, spec, tokens, masks, clean=full, logit_scale=logit_scale,
+        m, reference = evaluate(model, spec, tokens, masks, clean=full, logit_scale=logit_scale,
                      full_row=conds.index("only") * K + K - 1, chunk=chunk, target=tgt, top_k=opts.top_k,
                      shape=shape, on_rows=bar.advance)
         timings["evaluate"] = time.perf_counter() - t2
@@ -207,7 +207,8 @@ def component_strace(
         rank=rank,
         scores=score.float(),
         timings=timings,
-        **measured_fields(model, tokens, tgt, m, full, opts.top_k),
+        **measured_fields(model, tokens, tgt, m, reference, opts.top_k),
+        full_graph_tv=float(total_variation(full, reference[None].to(full.device))[0]),
     )
 
 

@@ -16,10 +16,10 @@ from tl_strace.search import NOT_IN_ANY, check_sizes, target_counts
 from tl_strace.store import SchemaViolation
 
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: full_graph_tv (the full graph's row against the clean forward)
 
 
-_READABLE_VERSIONS = (1, 2, FORMAT_VERSION)
+_READABLE_VERSIONS = (1, 2, 3, FORMAT_VERSION)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +253,9 @@ def _check_result(res: Any) -> None:
             raise _Bad(name, f"must be a number, got {getattr(res, name)!r}")
     if not math.isfinite(res.full_entropy) or res.full_entropy < -1e-4:
         raise _Bad("full_entropy", f"must be finite and non-negative (nats), got {res.full_entropy!r}")
+    ftv = getattr(res, "full_graph_tv", float("nan"))
+    if not _is_num(ftv) or not (math.isnan(ftv) or 0.0 <= ftv <= 1.0):
+        raise _Bad("full_graph_tv", f"must be a probability mass in [0, 1] (or NaN), got {ftv!r}")
     for name in ("full_ce", "full_target_rank"):
         v = float(getattr(res, name))
         if (res.target is None) != math.isnan(v) or math.isinf(v) or v < (1 if name == "full_target_rank" else -1e-4):

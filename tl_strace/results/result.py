@@ -76,6 +76,10 @@ class TraceResult:
     full_ce: float
     full_target_rank: float
     timings: dict[str, float] = field(default_factory=dict)
+    #: TV between the curves' reference (the full graph's masked row) and the clean forward computed
+    #: on its own: the call's exactness check as a probability mass (float rounding of two
+    #: differently shaped forwards, ~1e-7 in float32; NaN in files of formats before 4).
+    full_graph_tv: float = float("nan")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -275,7 +279,9 @@ class TraceResult:
                                    f"{cls.__name__}; load it with {kind.__name__}.load or TraceResult.load.")
             kind._migrate(meta, tensors, version)
             names = {f.name for f in fields(kind)} - set(kind._tensor_fields())
-            for what, have, want, optional in (("metadata", set(meta), names, {"timings"}),
+            # formats before 4 did not keep the full graph's TV against the clean forward (NaN)
+            optional_meta = {"timings"} | ({"full_graph_tv"} if version < 4 else set())
+            for what, have, want, optional in (("metadata", set(meta), names, optional_meta),
                                                ("tensors", set(tensors), set(kind._tensor_fields()), set())):
                 if want - optional - have:
                     raise _Bad(", ".join(sorted(want - optional - have)), f"is missing from the {what}")
@@ -293,6 +299,7 @@ class TraceResult:
                 raise _Bad("conditions", f"must be a list of names, got {meta['conditions']!r}")
             meta["conditions"] = tuple(meta["conditions"])
             meta.setdefault("timings", {})
+            meta.setdefault("full_graph_tv", float("nan"))
             _check_result(SimpleNamespace(**meta, **tensors))  # before construction (its type hints)
         return kind(**meta, **tensors)
 
