@@ -270,8 +270,8 @@ def trace_prepared(model: Any, spec: ModelSpec, opts: options.TraceOptions, prep
     bar.stage("evaluate")
     bar.rows(len(rows))
     m, reference = evaluate(model, spec, tokens, masks, clean=full, logit_scale=prepared.logit_scale,
-                 full_row=conds.index("only") * U + int(slot[K - 1]), chunk=chunk, target=tgt, top_k=opts.top_k,
-                 shape=(len(conds), U), on_rows=bar.advance)
+                            full_row=conds.index("only") * U + int(slot[K - 1]), chunk=chunk, target=tgt,
+                            top_k=opts.top_k, shape=(len(conds), U), on_rows=bar.advance)
     if U < K:
         m = {name: v.index_select(1, slot) for name, v in m.items()}
     timings["evaluate"] = timings.get("evaluate", 0.0) + time.perf_counter() - t3

@@ -179,8 +179,8 @@ def component_strace(
         bar.stage("evaluate")
         bar.rows(masks.n_rows)
         m, reference = evaluate(model, spec, tokens, masks, clean=full, logit_scale=logit_scale,
-                     full_row=conds.index("only") * K + K - 1, chunk=chunk, target=tgt, top_k=opts.top_k,
-                     shape=shape, on_rows=bar.advance)
+                                full_row=conds.index("only") * K + K - 1, chunk=chunk, target=tgt,
+                                top_k=opts.top_k, shape=shape, on_rows=bar.advance)
         timings["evaluate"] = time.perf_counter() - t2
 
     timings["total"] = time.perf_counter() - t0
