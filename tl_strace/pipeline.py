@@ -18,7 +18,6 @@ from torch import Tensor
 from tl_strace._version import __version__
 from tl_strace.ablation import CONDITIONS, MaskRow, TokenMasks, masked_logprobs, verify_attention_masking
 from tl_strace.engine import evaluate
-from tl_strace.metrics import total_variation
 from tl_strace import options
 from tl_strace.graph import EdgeLayout, Graph, check_decomposition, node_vectors
 from tl_strace.memory import rows_for_budget
@@ -300,6 +299,5 @@ def trace_prepared(model: Any, spec: ModelSpec, opts: options.TraceOptions, prep
         rank=strata.rank,
         weights=graph.weights.float(),
         timings=timings,
-        **measured_fields(model, tokens, tgt, m, reference, opts.top_k),
-        full_graph_tv=float(total_variation(full, reference[None].to(full.device))[0]),
+        **measured_fields(model, tokens, tgt, m, reference, opts.top_k, clean=full),
     )

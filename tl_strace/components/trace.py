@@ -207,8 +207,7 @@ def component_strace(
         rank=rank,
         scores=score.float(),
         timings=timings,
-        **measured_fields(model, tokens, tgt, m, reference, opts.top_k),
-        full_graph_tv=float(total_variation(full, reference[None].to(full.device))[0]),
+        **measured_fields(model, tokens, tgt, m, reference, opts.top_k, clean=full),
     )
 
 

@@ -253,7 +253,7 @@ def _check_result(res: Any) -> None:
             raise _Bad(name, f"must be a number, got {getattr(res, name)!r}")
     if not math.isfinite(res.full_entropy) or res.full_entropy < -1e-4:
         raise _Bad("full_entropy", f"must be finite and non-negative (nats), got {res.full_entropy!r}")
-    ftv = getattr(res, "full_graph_tv", float("nan"))
+    ftv = res.full_graph_tv
     if not _is_num(ftv) or not (math.isnan(ftv) or 0.0 <= ftv <= 1.0):
         raise _Bad("full_graph_tv", f"must be a probability mass in [0, 1] (or NaN), got {ftv!r}")
     for name in ("full_ce", "full_target_rank"):

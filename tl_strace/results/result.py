@@ -18,7 +18,7 @@ from torch import Tensor
 from tl_strace.ablation import attention_mode
 from tl_strace.density import RECOVERY_LEVELS, auc_linear, auc_log, recovery_sizes, size_at_tolerance
 from tl_strace.errors import InputError, ResultsError, StraceError
-from tl_strace.metrics import clean_summary
+from tl_strace.metrics import clean_summary, total_variation
 from tl_strace.model import str_tokens
 from tl_strace.results._schema import FORMAT_VERSION, _Bad, _READABLE_VERSIONS, _check_result
 from tl_strace.store import as_path, read_tensors, schema_checked, write_tensors
@@ -347,11 +347,14 @@ class TraceResult:
 
 
 def measured_fields(model: Any, tokens: Int[Tensor, "pos"], target: int | None, metrics: dict[str, Tensor],
-                    clean: Float[Tensor, "vocab"], top_k: int) -> dict[str, Any]:
+                    reference: Float[Tensor, "vocab"], top_k: int, *,
+                    clean: Float[Tensor, "vocab"]) -> dict[str, Any]:
     """The fields every granularity fills the same way: the input, the curves and top tokens from
-    :func:`tl_strace.engine.evaluate`'s ``metrics`` (``[condition, stratum]``), and the clean
-    model's own numbers (:func:`tl_strace.metrics.clean_summary`); token strings from ``model``."""
-    clean_fields = clean_summary(clean, target, top_k)
+    :func:`tl_strace.engine.evaluate`'s ``metrics`` (``[condition, stratum]``), the full model's own
+    numbers (:func:`tl_strace.metrics.clean_summary`) from ``reference`` (the full graph's row the
+    curves are measured against), ``full_graph_tv`` (that row against the ``clean`` forward);
+    token strings from ``model``."""
+    clean_fields = clean_summary(reference, target, top_k)
     top_ids = metrics["ids"]
     C, K = int(top_ids.shape[0]), int(top_ids.shape[1])
     return {
@@ -361,6 +364,7 @@ def measured_fields(model: Any, tokens: Int[Tensor, "pos"], target: int | None, 
         "top_ids": top_ids, "top_probs": metrics["probs"],
         "top_strs": [[str_tokens(model, top_ids[c, k]) for k in range(K)] for c in range(C)],
         **clean_fields, "full_top_strs": str_tokens(model, clean_fields["full_top_ids"]),
+        "full_graph_tv": float(total_variation(clean, reference[None].to(clean.device))[0]),
     }
 
 
